@@ -1,0 +1,430 @@
+"""One settings tree, three front doors: YAML file, ``SUPERWHISPER_*`` environment, CLI.
+
+The add-on options, systemd ``Environment=`` lines and command-line flags all
+fill the same frozen dataclasses, so they cannot drift apart. Every error
+names the key and where it came from (file, variable or flag).
+
+Layering, lowest first: the packaged defaults (``config/superwhisper.yaml``),
+a user file (``--config``), the environment, the CLI. Environment variables
+use ``__`` to step into a section: ``SUPERWHISPER_ASR__LANGUAGE=en``,
+``SUPERWHISPER_GPU__FORBID_NAMES='["5060"]'`` (values are parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "SUPERWHISPER_"
+
+
+class ConfigError(Exception):
+    """A setting is wrong: names the key and the source, and the CLI exits with code 2."""
+
+    def __init__(self, key: str, source: str, message: str) -> None:
+        self.key = key
+        self.source = source
+        self.message = message
+        super().__init__(f"{source}: {key}: {message}")
+
+
+# --- sections -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineLevel:
+    """One level of a fallback chain, as configured."""
+
+    model: str = ""
+    """Model ref from the registry catalog (``whisper-base``, ``smollm2-135m``...)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """``cuda``: the GPU the guard pinned (skipped on a CPU-only box); ``auto``: GPU if pinned."""
+    remote: str = ""
+    """Instead of a model: a remote server (``tcp://host:port`` or ``http(s)://…/v1``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific options (compute_type, n_ctx, speaker, api_key...)."""
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """Which physical GPU this process may use; decided before any CUDA library loads."""
+
+    device: Literal["auto", "cpu"] = "auto"
+    """``cpu`` never touches a GPU; ``auto`` pins the one GPU the policy allows."""
+    require_name: str = ""
+    """Substring the GPU's NVML name must contain, e.g. ``RTX 3090``; empty: any."""
+    min_vram_gb: float = 0.0
+    """Minimum total memory of the chosen GPU, in GB (10^9 bytes)."""
+    forbid_names: tuple[str, ...] = ()
+    """Substrings of GPU names that must never be used, e.g. ``["5060"]``."""
+    on_mismatch: Literal["fail", "cpu"] = "cpu"
+    """No GPU satisfies the policy: ``fail`` refuses to start, ``cpu`` runs on the CPU."""
+    vram_high_watermark: float = 0.9
+    """Share of GPU memory above which caches are freed and low-priority engines unloaded."""
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    """Where models are found and stored (the registry's settings)."""
+
+    environment: Literal["dev", "test", "prod"] = "dev"
+    """Chooses the default search roots and cache directory."""
+    roots: tuple[str, ...] = ()
+    """Extra directories searched first for ``<root>/<ref>/``; relative to the config file."""
+    cache_dir: str = ""
+    """Writable directory for downloads and joined files; empty: per-environment default."""
+    catalog: str = ""
+    """Path of the model catalog YAML; empty: the packaged ``config/models.yaml``."""
+    hub_endpoint: str = ""
+    """Hugging Face endpoint or mirror for downloads; empty: the library's default."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Input limits and socket behaviour shared by every Wyoming server."""
+
+    max_header_bytes: int = 64 * 1024
+    """Longest JSON header line accepted, in bytes."""
+    max_data_bytes: int = 1024 * 1024
+    """Largest ``data_length`` accepted, in bytes."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest ``payload_length`` accepted (one audio chunk), in bytes."""
+    idle_timeout_s: float = 60.0
+    """A connection that sends nothing for this long is closed, in seconds."""
+    max_connections: int = 64
+    """Connections served at once per server; more are answered ``error`` and closed."""
+    shutdown_timeout_s: float = 10.0
+    """On stop, how long running requests may take to finish, in seconds."""
+
+
+@dataclass(frozen=True)
+class AsrSettings:
+    """Speech-to-text server."""
+
+    uri: str = "tcp://0.0.0.0:10300"
+    language: str = "fr"
+    """Default language when the client names none."""
+    chain: tuple[EngineLevel, ...] = (
+        EngineLevel(model="whisper-base", device="cuda"),
+        EngineLevel(model="whisper-base", device="cpu"),
+    )
+    beam_size: int = 5
+    max_seconds: float = 30.0
+    """Longest utterance accepted, in seconds of audio."""
+    endpointing_s: float = 0.0
+    """Silence after speech that ends the utterance server-side, in seconds; 0: wait for audio-stop."""
+    speculative_pause_s: float = 0.3
+    """Pause after speech that starts a speculative decode, in seconds; 0: off."""
+    vad_threshold: float = 0.5
+    """Silero speech probability above which a frame is speech."""
+    queue_size: int = 4
+    """Transcriptions waiting for the model at most; more get ``error`` (busy)."""
+    timeout_s: float = 30.0
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+    hass_url: str = ""
+    """Home Assistant base URL to fetch entity/area names for recognition hints; empty: off."""
+    hass_token: str = ""
+
+
+@dataclass(frozen=True)
+class HandleSettings:
+    """LLM "handle" server (and its OpenAI-compatible HTTP API)."""
+
+    uri: str = "tcp://0.0.0.0:10400"
+    language: str = "fr"
+    chain: tuple[EngineLevel, ...] = (
+        EngineLevel(model="nous-hermes-2-mistral-7b-dpo-q4ks", device="cuda"),
+        EngineLevel(model="smollm2-135m", device="cpu"),
+    )
+    assistant_name: str = "Jarvis"
+    system_prompt: str = ""
+    """Overrides the built-in French voice-assistant prompt; empty: built-in."""
+    max_chars: int = 2000
+    """Longest transcript accepted, in characters."""
+    max_tokens: int = 160
+    timeout_s: float = 30.0
+    memory_turns: int = 6
+    """Exchanges kept per conversation."""
+    memory_ttl_s: float = 900.0
+    """A conversation idle for this long is forgotten, in seconds."""
+    queue_size: int = 4
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+    api_port: int = 0
+    """Port of the OpenAI-compatible ``/v1`` API; 0: off."""
+    api_key: str = ""
+    """Bearer token required by the ``/v1`` API; empty: no auth."""
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    """Text-to-speech server."""
+
+    uri: str = "tcp://0.0.0.0:10200"
+    language: str = "fr"
+    """Language of a request that names none (Home Assistant never sends one)."""
+    voices: dict[str, tuple[EngineLevel, ...]] = field(
+        default_factory=lambda: {
+            "fr": (
+                EngineLevel(model="piper-fr_FR-siwis-medium"),
+                EngineLevel(model="espeak-fr"),
+            ),
+            "en": (EngineLevel(model="piper-joe"), EngineLevel(model="espeak-en")),
+        }
+    )
+    """Voice chain per language, best first."""
+    max_chars: int = 2000
+    output_rate: int = 0
+    """Resample every answer to this rate in Hz; 0: the first voice's native rate."""
+    length_scale: float = 1.0
+    """Speaking speed for Piper voices (>1 slower)."""
+    timeout_s: float = 30.0
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The ops HTTP server: /metrics, /healthz, /readyz, /status."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9300
+
+
+@dataclass(frozen=True)
+class ZeroconfSettings:
+    """Discovery by Home Assistant over mDNS (``_wyoming._tcp.local.``)."""
+
+    enabled: bool = True
+    name: str = ""
+    """Service name prefix; empty: ``superwhisper-<service>-<hostname>``."""
+    addresses: tuple[str, ...] = ()
+    """Addresses to advertise; empty: every address of the host's interfaces."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one ``superwhisper`` process."""
+
+    gpu: GpuSettings = field(default_factory=GpuSettings)
+    models: ModelsSettings = field(default_factory=ModelsSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    asr: AsrSettings = field(default_factory=AsrSettings)
+    handle: HandleSettings = field(default_factory=HandleSettings)
+    tts: TtsSettings = field(default_factory=TtsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    zeroconf: ZeroconfSettings = field(default_factory=ZeroconfSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    config_dir: str = ""
+    """Directory of the user's config file (relative paths resolve there); set by the loader."""
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def default_config_text() -> str:
+    """The packaged ``config/superwhisper.yaml`` (shipped inside the wheel)."""
+    return resources.files("wyoming_superwhisper").joinpath("data/superwhisper.yaml").read_text("utf-8")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, file, environment and CLI overrides (dotted keys)."""
+    tree: dict[str, Any] = {}
+    _merge(tree, _parse_yaml(default_config_text(), "config/superwhisper.yaml (packaged)"), "")
+    config_dir = ""
+    if path is not None:
+        file_path = Path(path)
+        try:
+            text = file_path.read_text("utf-8")
+        except OSError as error:
+            raise ConfigError("--config", str(file_path), f"cannot read: {error.strerror}") from error
+        _merge(tree, _parse_yaml(text, str(file_path)), "", str(file_path))
+        config_dir = str(file_path.resolve().parent)
+    sources: dict[str, str] = {}
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        value = _parse_scalar(env[name], name)
+        _set_dotted(tree, key, value)
+        sources[key] = f"environment {name}"
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+        sources[key] = f"command line ({key})"
+    if config_dir:
+        tree["config_dir"] = config_dir
+    return _build(Settings, tree, "", _SourceMap(path, sources))
+
+
+_ENV_NOT_SETTINGS = {"SUPERWHISPER_CONFIG"}
+"""Variables with the prefix that are not settings keys (read by the CLI itself)."""
+
+
+class _SourceMap:
+    """Tells, for an error, where a key's value came from."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, sources: Mapping[str, str]) -> None:
+        self.path = str(path) if path is not None else "config/superwhisper.yaml (packaged)"
+        self.sources = sources
+
+    def of(self, key: str) -> str:
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            found = self.sources.get(".".join(parts[:i]))
+            if found:
+                return found
+        return self.path
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("(file)", source, f"not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("(file)", source, "the top level must be a mapping of sections")
+    return data
+
+
+def _parse_scalar(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(source, "environment", f"not a valid value: {error}") from error
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any], prefix: str, source: str = "") -> None:
+    """Deep-merge mappings; lists and scalars replace. Chains replace whole."""
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, f"{prefix}{key}.", source)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+T = typing.TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, prefix: str, sources: _SourceMap) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "(top)", sources.of(prefix.rstrip(".")), "must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}{key}"
+            known = ", ".join(sorted(fields))
+            raise ConfigError(full, sources.of(full), f"unknown key (known here: {known})")
+    kwargs = {
+        name: _coerce(hints[name], value, f"{prefix}{name}", sources) for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, sources: _SourceMap) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(key, sources.of(key), f"expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", sources)  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, sources)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0] if errors else fail(str(hint))
+    if origin is tuple:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise fail("a list")
+        item = args[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]", sources) for i, v in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise fail("a mapping")
+        key_type, value_type = args
+        return {
+            _coerce(key_type, k, f"{key}.{k}", sources): _coerce(value_type, v, f"{key}.{k}", sources)
+            for k, v in value.items()
+        }
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail("a number")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, bool | list | dict):
+            raise fail("a string")
+        return str(value)
+    raise fail(str(hint))  # a type this loader does not know: a bug in the dataclasses
+
+
+def resolve_path(settings: Settings, value: str) -> Path:
+    """A path from the config: ``~`` expanded, relative paths taken from the config file's folder."""
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute() and settings.config_dir:
+        path = Path(settings.config_dir) / path
+    return path
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    """Plain data for ``/status``, the doctor and digests."""
+    return dataclasses.asdict(settings)

@@ -1,0 +1,133 @@
+"""Bounded Wyoming event reader: sizes are checked before anything is read into memory.
+
+The ``wyoming`` library's reader trusts ``data_length`` and ``payload_length``
+from the header and turns parse errors into a silent disconnect. Here a
+header over the cap, a length over the cap, invalid JSON or a malformed event
+raises :class:`ProtocolViolation` with a code the server sends back in an
+``error`` event before closing; a client that stalls mid-event or stays idle
+too long gets :class:`TimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from wyoming.event import Event
+
+from ..config import ServerSettings
+
+
+class ProtocolViolation(Exception):
+    """The client sent something no valid Wyoming peer sends; the connection will close."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    max_header_bytes: int = 64 * 1024
+    max_data_bytes: int = 1024 * 1024
+    max_payload_bytes: int = 1024 * 1024
+    idle_timeout_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ReadLimits:
+        return cls(
+            settings.max_header_bytes,
+            settings.max_data_bytes,
+            settings.max_payload_bytes,
+            settings.idle_timeout_s,
+        )
+
+
+async def read_event(reader: asyncio.StreamReader, limits: ReadLimits) -> Event | None:
+    """Read one event, or None at a clean end of stream.
+
+    The whole event (header, data, payload) must arrive within ``idle_timeout_s``,
+    so neither an idle client nor one trickling a header byte by byte holds a slot.
+    The reader's own ``limit`` must be at least ``max_header_bytes`` (the server
+    creates it so).
+    """
+    async with asyncio.timeout(limits.idle_timeout_s):
+        return await _read_event(reader, limits)
+
+
+async def _read_event(reader: asyncio.StreamReader, limits: ReadLimits) -> Event | None:
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as error:
+        if not error.partial.strip():
+            return None
+        raise ProtocolViolation("truncated", "connection closed in the middle of an event header") from error
+    except asyncio.LimitOverrunError as error:
+        raise ProtocolViolation(
+            "header-too-large", f"event header longer than {limits.max_header_bytes} bytes"
+        ) from error
+    if len(line) > limits.max_header_bytes:
+        raise ProtocolViolation("header-too-large", f"event header longer than {limits.max_header_bytes} bytes")
+    header = _parse_json_object(line, "header")
+    event_type = header.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        raise ProtocolViolation("bad-event", "event header has no 'type' string")
+    data = header.get("data") or {}
+    if not isinstance(data, dict):
+        raise ProtocolViolation("bad-event", "event 'data' must be a JSON object")
+    data_length = _length(header, "data_length", limits.max_data_bytes)
+    payload_length = _length(header, "payload_length", limits.max_payload_bytes)
+    if data_length:
+        extra = _parse_json_object(await _read_exactly(reader, data_length), "data")
+        data.update(extra)
+    payload = await _read_exactly(reader, payload_length) if payload_length else None
+    return Event(type=event_type, data=data, payload=payload)
+
+
+def _length(header: dict[str, Any], key: str, cap: int) -> int:
+    value = header.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolViolation("bad-event", f"'{key}' must be a non-negative integer")
+    if value > cap:
+        raise ProtocolViolation("too-large", f"'{key}' {value} exceeds the limit of {cap} bytes")
+    return value
+
+
+async def _read_exactly(reader: asyncio.StreamReader, count: int) -> bytes:
+    try:
+        return await reader.readexactly(count)
+    except asyncio.IncompleteReadError as error:
+        raise ProtocolViolation("truncated", "connection closed in the middle of an event") from error
+
+
+def _parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as error:
+        raise ProtocolViolation("bad-encoding", f"event {what} is not valid UTF-8") from error
+    except ValueError as error:
+        raise ProtocolViolation("bad-json", f"event {what} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ProtocolViolation("bad-event", f"event {what} must be a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def finite_number(data: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    """A numeric field from event data, checked: handlers use it for rates, widths, speeds."""
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolViolation("bad-value", f"'{key}' must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ProtocolViolation("bad-value", f"'{key}' must be between {low:g} and {high:g}, got {value!r}")
+    return float(value)

@@ -1,0 +1,327 @@
+"""Run Wyoming services: bounded TCP servers, ops HTTP, zeroconf, graceful shutdown.
+
+Every server has the same shape: a :class:`WyomingService` owns its engines
+(behind fallback chains) and makes one :class:`EventHandler` per connection;
+this module owns the sockets. It reads events through the bounded reader,
+answers protocol violations with an ``error`` event before closing, caps the
+number of connections, and on SIGTERM stops accepting, lets running requests
+finish for ``server.shutdown_timeout_s``, then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from wyoming.error import Error
+from wyoming.event import Event, async_write_event
+
+from ..config import Settings
+from .fallback import FallbackChain
+from .gpu import GpuDecision
+from .limits import ProtocolViolation, ReadLimits, read_event
+from .metrics import Metrics
+from .registry import ModelRegistry
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What the runtime gives every service: one of each, shared in the process."""
+
+    settings: Settings
+    registry: ModelRegistry
+    gpu: GpuDecision
+    metrics: Metrics
+
+
+class Connection:
+    """One client connection as a handler sees it: write events, send errors."""
+
+    def __init__(self, service: str, writer: asyncio.StreamWriter, metrics: Metrics) -> None:
+        self.service = service
+        self.writer = writer
+        self.metrics = metrics
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
+
+    async def write(self, event: Event) -> None:
+        """Send an event; events from concurrent tasks of one handler never interleave."""
+        async with self._write_lock:
+            await async_write_event(event, self.writer)
+
+    async def error(self, text: str, code: str) -> None:
+        """Send a Wyoming ``error`` event (what Home Assistant shows the user)."""
+        _LOGGER.info("%s %s: error %s: %s", self.service, self.peer, code, text)
+        with contextlib.suppress(ConnectionError):
+            await self.write(Error(text=text, code=code).event())
+
+
+class EventHandler(ABC):
+    """Translates events for one connection; owns per-request state, not models."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    @abstractmethod
+    async def handle_event(self, event: Event) -> bool:
+        """Handle one event; False closes the connection."""
+
+    async def disconnect(self) -> None:
+        """The client is gone: cancel work in flight, free per-request state."""
+
+
+class ServiceState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class WyomingService(ABC):
+    """A Wyoming service (ASR, handle, TTS): its chains, its handler, its readiness."""
+
+    name: str = "service"
+
+    def __init__(self, context: ServiceContext) -> None:
+        self.context = context
+        self.state = ServiceState.STARTING
+        self.started_at = time.time()
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """Where to listen, ``tcp://host:port`` or ``unix:///path``."""
+
+    @abstractmethod
+    def chains(self) -> Sequence[FallbackChain[Any]]:
+        """The service's fallback chains (for readiness, status, warm-up, close)."""
+
+    @abstractmethod
+    def create_handler(self, connection: Connection) -> EventHandler:
+        """A new handler for one connection."""
+
+    @abstractmethod
+    async def smoke(self) -> str:
+        """One tiny real request through the chain (the doctor's functional check).
+
+        Returns a short description of what came back (e.g. the transcript);
+        raises when no level could answer.
+        """
+
+    async def start(self) -> None:
+        """Warm up: load the first usable level of every chain before taking traffic."""
+        for chain in self.chains():
+            for index in range(len(chain.levels)):
+                if await chain.load(index):
+                    break
+        self.state = ServiceState.READY
+
+    async def stop(self) -> None:
+        self.state = ServiceState.STOPPING
+        for chain in self.chains():
+            await chain.close()
+        self.state = ServiceState.STOPPED
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when started and every chain has a level that is loaded and not open."""
+        if self.state is not ServiceState.READY:
+            return False, f"{self.name} is {self.state.value}"
+        for chain in self.chains():
+            usable = [
+                lv for lv in chain.status() if lv["loaded"] and lv["circuit"] != "open"
+            ]
+            if not chain.healthy() or not usable:
+                return False, f"{chain.service}: no healthy, loaded engine"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        ready, reason = self.readiness()
+        return {
+            "service": self.name,
+            "uri": self.uri,
+            "state": self.state.value,
+            "ready": ready,
+            "reason": reason,
+            "chains": {chain.service: chain.status() for chain in self.chains()},
+        }
+
+
+class ServiceServer:
+    """Accepts connections for one service and runs its handlers under the limits."""
+
+    def __init__(self, service: WyomingService) -> None:
+        self.service = service
+        settings = service.context.settings.server
+        self.limits = ReadLimits.from_settings(settings)
+        self.max_connections = settings.max_connections
+        self.metrics = service.context.metrics
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port: int | None = None
+        self.host: str | None = None
+
+    async def start(self) -> None:
+        parsed = urlparse(self.service.uri)
+        if parsed.scheme == "tcp":
+            if parsed.hostname is None or parsed.port is None:
+                raise ValueError(f"{self.service.name}: {self.service.uri} needs a host and a port")
+            self._server = await asyncio.start_server(
+                self._on_connection, parsed.hostname, parsed.port, limit=self.limits.max_header_bytes
+            )
+            sockname = self._server.sockets[0].getsockname()
+            self.host, self.port = parsed.hostname, int(sockname[1])
+        elif parsed.scheme == "unix":
+            self._server = await asyncio.start_unix_server(
+                self._on_connection, parsed.path, limit=self.limits.max_header_bytes
+            )
+        else:
+            raise ValueError(f"{self.service.name}: only tcp:// and unix:// URIs are served, not {self.service.uri}")
+        _LOGGER.info("%s listening on %s (port %s)", self.service.name, self.service.uri, self.port)
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        gauge = self.metrics.active_connections.labels(self.service.name)
+        gauge.inc()
+        try:
+            await self._serve(reader, writer)
+        finally:
+            gauge.dec()
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name = self.service.name
+        connection = Connection(name, writer, self.metrics)
+        if self.active > self.max_connections:
+            self.metrics.count(name, "busy")
+            await connection.error(f"server busy: {self.max_connections} connections open", "busy")
+            return
+        handler = self.service.create_handler(connection)
+        try:
+            while not connection.closed:
+                try:
+                    event = await read_event(reader, self.limits)
+                except ProtocolViolation as violation:
+                    self.metrics.protocol_errors.labels(name, violation.code).inc()
+                    self.metrics.count(name, "rejected_input")
+                    await connection.error(str(violation), violation.code)
+                    return
+                except TimeoutError:
+                    _LOGGER.info("%s %s: idle for %.0f s, closing", name, connection.peer, self.limits.idle_timeout_s)
+                    self.metrics.protocol_errors.labels(name, "idle-timeout").inc()
+                    return
+                if event is None:
+                    return
+                try:
+                    if not await handler.handle_event(event):
+                        return
+                except ProtocolViolation as violation:  # bad values inside an event: answer, keep serving
+                    self.metrics.count(name, "rejected_input")
+                    await connection.error(str(violation), violation.code)
+        except ConnectionError:
+            _LOGGER.info("%s %s: connection lost", name, connection.peer)
+        finally:
+            await handler.disconnect()
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting; give running connections ``timeout_s`` to finish, then cancel them."""
+        if self._server is not None:
+            self._server.close()
+        pending = set(self._tasks)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout_s)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=2.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class Runtime:
+    """Everything one ``superwhisper`` process serves, with a bounded, ordered shutdown."""
+
+    def __init__(self, services: Sequence[WyomingService], context: ServiceContext) -> None:
+        self.services = list(services)
+        self.context = context
+        self.servers = [ServiceServer(service) for service in self.services]
+        self._stop = asyncio.Event()
+        self._ops: Any = None
+        self._discovery: Any = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        settings = self.context.settings
+        if settings.metrics.enabled:
+            from .ops import OpsServer
+
+            self._ops = OpsServer(self.services, self.context)
+            await self._ops.start()
+        for service in self.services:
+            await service.start()
+            self.context.metrics.ready.labels(service.name).set(1 if service.readiness()[0] else 0)
+        for server in self.servers:
+            await server.start()
+        if settings.zeroconf.enabled:
+            from .discovery import Discovery
+
+            self._discovery = Discovery(settings.zeroconf)
+            await self._discovery.register(
+                [(s.service.name, s.port) for s in self.servers if s.port is not None]
+            )
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT or :meth:`request_stop`, then shut down."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+        try:
+            await self.start()
+            await self._stop.wait()
+            _LOGGER.info("stopping")
+        finally:
+            await self.shutdown()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def shutdown(self) -> None:
+        timeout = self.context.settings.server.shutdown_timeout_s
+        if self._discovery is not None:
+            await self._discovery.close()
+            self._discovery = None
+        for server in self.servers:
+            await server.stop(timeout)
+        for service in self.services:
+            await service.stop()
+        if self._ops is not None:
+            await self._ops.stop()
+            self._ops = None
