@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--no-smoke", action="store_true", help="skip the start-up smoke request")
 
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser(
-        "serve", parents=[common, serving], help="run ASR, handle and TTS in one process"
-    )
+    serve = sub.add_parser("serve", parents=[common, serving], help="run ASR, handle and TTS in one process")
     serve.add_argument(
         "--only", default="asr,handle,tts", help="comma-separated services to run (default: all)"
     )
@@ -149,7 +147,9 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 def _service_factories(names: Sequence[str]) -> dict[str, Callable[..., Any]]:
     unknown = [n for n in names if n not in SERVICES]
     if unknown:
-        raise ConfigError("--only", "command line", f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+        raise ConfigError(
+            "--only", "command line", f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}"
+        )
     factories = {}
     for name in names:
         module_name, _, class_name = SERVICES[name].partition(":")
@@ -174,9 +174,15 @@ def _context(settings: Settings) -> Any:
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from .doctor import run_doctor
+    from .doctor import Report, Status, run_doctor
 
-    context = _context(settings)
+    try:
+        context = _context(settings)
+    except ConfigError as error:  # the GPU policy failed: that is the doctor's finding
+        report = Report()
+        report.add("gpu", "policy", Status.BROKEN, error.message)
+        sys.stdout.write((report.to_json() if args.json else report.to_table()) + "\n")
+        return report.exit_code
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SERVICES]
     if unknown:

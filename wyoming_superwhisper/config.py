@@ -346,9 +346,7 @@ def _build(cls: type[T], data: Any, prefix: str, sources: _SourceMap) -> T:
             full = f"{prefix}{key}"
             known = ", ".join(sorted(fields))
             raise ConfigError(full, sources.of(full), f"unknown key (known here: {known})")
-    kwargs = {
-        name: _coerce(hints[name], value, f"{prefix}{name}", sources) for name, value in data.items()
-    }
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}", sources) for name, value in data.items()}
     return cls(**kwargs)
 
 

@@ -63,9 +63,7 @@ class Report:
                 "status": self.status.name.lower(),
                 "exit_code": self.exit_code,
                 "gpu": self.gpu,
-                "checks": [
-                    {**asdict(c), "status": c.status.name.lower()} for c in self.checks
-                ],
+                "checks": [{**asdict(c), "status": c.status.name.lower()} for c in self.checks],
             },
             indent=2,
             ensure_ascii=False,
@@ -75,9 +73,7 @@ class Report:
         rows = [("AREA", "CHECK", "STATUS", "DETAIL")]
         rows += [(c.area, c.name, c.status.name.lower(), c.detail) for c in self.checks]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [
-            "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows
-        ]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         verdict = {
             Status.OK: "all good",
             Status.DEGRADED: "degraded: a fallback will serve",
@@ -129,7 +125,9 @@ def check_chains(
             plans[key] = plan
             for skipped in plan.skipped:
                 status = Status.DEGRADED if skipped.degraded else Status.OK
-                report.add("config", skipped.key, status, f"{_level_name(skipped.level)} skipped: {skipped.reason}")
+                report.add(
+                    "config", skipped.key, status, f"{_level_name(skipped.level)} skipped: {skipped.reason}"
+                )
             if plan.broken:
                 report.add("config", key, Status.BROKEN, "no usable level: this service cannot answer")
             for planned in plan.levels:
@@ -137,11 +135,14 @@ def check_chains(
                     report.add("models", planned.key, Status.OK, f"remote {planned.level.remote}")
                     continue
                 problems = registry.verify(planned.model.spec.ref)
-                status = Status.OK if not problems else (
-                    Status.BROKEN if len(plan.levels) == 1 else Status.DEGRADED
+                status = (
+                    Status.OK
+                    if not problems
+                    else (Status.BROKEN if len(plan.levels) == 1 else Status.DEGRADED)
                 )
                 detail = (
-                    f"{planned.model.spec.ref} on {planned.device}: {planned.model.path} ({planned.model.origin})"
+                    f"{planned.model.spec.ref} on {planned.device}: "
+                    f"{planned.model.path} ({planned.model.origin})"
                     if not problems
                     else f"{planned.model.spec.ref}: " + "; ".join(problems)
                 )
@@ -170,8 +171,8 @@ async def check_services(
                 for chain in service.chains():
                     for index, level in enumerate(chain.levels):
                         ok = level.loaded or await chain.load(index)
-                        status = Status.OK if ok else (
-                            Status.DEGRADED if len(chain.levels) > 1 else Status.BROKEN
+                        status = (
+                            Status.OK if ok else (Status.DEGRADED if len(chain.levels) > 1 else Status.BROKEN)
                         )
                         detail = "loads" if ok else f"does not load: {level.last_error}"
                         report.add(name, f"load {level.engine.name}", status, detail)

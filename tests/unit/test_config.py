@@ -44,7 +44,10 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
 
 
 def test_chain_from_yaml_replaces_default(tmp_path: Path) -> None:
-    path = write(tmp_path, "asr:\n  chain:\n    - {model: whisper-tiny.en, device: cpu}\n    - {remote: 'tcp://10.0.0.2:10300'}\n")
+    path = write(
+        tmp_path,
+        "asr:\n  chain:\n    - {model: whisper-tiny.en, device: cpu}\n    - {remote: 'tcp://10.0.0.2:10300'}\n",
+    )
     settings = load_settings(path, environ={})
     assert settings.asr.chain == (
         EngineLevel(model="whisper-tiny.en", device="cpu"),

@@ -147,7 +147,9 @@ async def test_engine_raising_quality_rejected_counts_as_rejected() -> None:
 
 
 async def test_every_level_failing_raises_with_all_attempts() -> None:
-    chain, _, _ = make_chain(FakeEngine("big", fail_load=True), FakeEngine("small", fail_call=OSError("gone")))
+    chain, _, _ = make_chain(
+        FakeEngine("big", fail_load=True), FakeEngine("small", fail_call=OSError("gone"))
+    )
     with pytest.raises(AllLevelsFailed) as raised:
         await chain.run(lambda e: e.work("x"))
     assert [a.engine for a in raised.value.attempts] == ["big", "small"]

@@ -151,13 +151,21 @@ def test_verify_after_import() -> None:
 
 
 PACKAGE = Path(wyoming_superwhisper.__file__).parent
-FORBIDDEN = re.compile(r"CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|cuda:[1-9]|\.cuda\.set_device|device_index\s*=\s*[1-9]")
+FORBIDDEN = re.compile(
+    r"CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|cuda:[1-9]|\.cuda\.set_device|device_index\s*=\s*[1-9]"
+)
 
 
 def test_no_other_file_chooses_a_gpu() -> None:
     """The audit that found 40 violations, as a test: only runtime/gpu.py may pin a GPU."""
     offenders = []
-    roots = [PACKAGE, PACKAGE.parent / "bench", PACKAGE.parent / "scripts", PACKAGE.parent / "systemd", PACKAGE.parent / "addon"]
+    roots = [
+        PACKAGE,
+        PACKAGE.parent / "bench",
+        PACKAGE.parent / "scripts",
+        PACKAGE.parent / "systemd",
+        PACKAGE.parent / "addon",
+    ]
     for root in roots:
         if not root.exists():
             continue

@@ -148,15 +148,21 @@ async def test_echo_with_the_wyoming_client(server: ServiceServer) -> None:
         (b'{"type": "x", "data": {"v": NaN}}\n', "bad-json"),
         (b'{"type": "x"}\n'.replace(b"x", b"\xff"), "bad-encoding"),
         (b'{"data": {}}\n', "bad-event"),
-        (b'[1, 2]\n', "bad-event"),
+        (b"[1, 2]\n", "bad-event"),
         (b'{"type": "x", "data": [1]}\n', "bad-event"),
         (b'{"type": "x", "data_length": 3}\n[1]', "bad-event"),
         (b'{"type": "x", "payload_length": 10}\nabc', "truncated"),
     ],
 )
-async def test_protocol_violations_get_an_error_then_close(server: ServiceServer, data: bytes, code: str) -> None:
+async def test_protocol_violations_get_an_error_then_close(
+    server: ServiceServer, data: bytes, code: str
+) -> None:
     writer_data = data
-    answered = await raw(server, writer_data, read_timeout=3.0) if not data.endswith(b"abc") else await _truncated(server, data)
+    answered = (
+        await raw(server, writer_data, read_timeout=3.0)
+        if not data.endswith(b"abc")
+        else await _truncated(server, data)
+    )
     assert [a["type"] for a in answered] == ["error"]
     assert answered[0]["data"]["code"] == code
     # ...and the same server still serves a valid request.
@@ -267,7 +273,10 @@ async def test_ops_http_endpoints() -> None:
                 assert "broken-echo" in body["reasons"] and "echo" not in body["reasons"]
             async with session.get(f"{base}/metrics") as response:
                 text = await response.text()
-                assert 'superwhisper_engine_attempts_total{engine="echo",outcome="ok",service="echo"} 1.0' in text
+                assert (
+                    'superwhisper_engine_attempts_total{engine="echo",outcome="ok",service="echo"} 1.0'
+                    in text
+                )
                 assert 'superwhisper_ready{service="broken-echo"} 0.0' in text
                 assert "process_resident_memory_bytes" in text
                 assert "superwhisper_gpu_memory_used_bytes" not in text  # absent on CPU, not faked
@@ -294,4 +303,7 @@ async def roundtrip_server(service: EchoService) -> None:
 
 def test_redact_hides_secrets_only() -> None:
     tree = {"handle": {"api_key": "sk", "chain": [{"options": {"api_key": "x", "n_ctx": 2048}}]}, "token": ""}
-    assert redact(tree) == {"handle": {"api_key": "***", "chain": [{"options": {"api_key": "***", "n_ctx": 2048}}]}, "token": ""}
+    assert redact(tree) == {
+        "handle": {"api_key": "***", "chain": [{"options": {"api_key": "***", "n_ctx": 2048}}]},
+        "token": "",
+    }

@@ -145,8 +145,7 @@ class AllLevelsFailed(Exception):
         self.service = service
         self.attempts = tuple(attempts)
         detail = "; ".join(
-            f"{a.engine}: {a.outcome.value}{' (' + a.reason + ')' if a.reason else ''}"
-            for a in self.attempts
+            f"{a.engine}: {a.outcome.value}{' (' + a.reason + ')' if a.reason else ''}" for a in self.attempts
         )
         super().__init__(f"{service}: every engine failed ({detail or 'no engine configured'})")
 
@@ -228,8 +227,7 @@ class FallbackChain(Generic[E]):
         self.observer = observer
         self._clock = clock
         self.levels: list[LevelState[E]] = [
-            LevelState(engine, CircuitBreaker(failure_threshold, cooldown_s, clock))
-            for engine in engines
+            LevelState(engine, CircuitBreaker(failure_threshold, cooldown_s, clock)) for engine in engines
         ]
 
     @property
@@ -286,9 +284,7 @@ class FallbackChain(Generic[E]):
                 attempts.append(self._record(Attempt(index, name, Outcome.SKIPPED, 0.0, "circuit open")))
                 continue
             if previous_failed is not None and self.observer is not None:
-                self.observer.on_fallback(
-                    self.service, previous_failed, index, attempts[-1].outcome.value
-                )
+                self.observer.on_fallback(self.service, previous_failed, index, attempts[-1].outcome.value)
             load_failure = await self._ensure_loaded(index)
             if load_failure is not None:
                 attempts.append(self._fail(index, load_failure))
@@ -301,12 +297,20 @@ class FallbackChain(Generic[E]):
                 state.breaker.abandon()
                 raise
             except TimeoutError:
-                attempt = Attempt(index, name, Outcome.TIMEOUT, self._clock() - started, f"over {timeout:g} s")
+                attempt = Attempt(
+                    index, name, Outcome.TIMEOUT, self._clock() - started, f"over {timeout:g} s"
+                )
             except Exception as error:  # any engine failure is the next level's cue
                 outcome = Outcome.OUT_OF_MEMORY if _is_out_of_memory(error) else Outcome.FAILED
                 if isinstance(error, QualityRejected):
                     outcome = Outcome.REJECTED
-                _LOGGER.warning("%s: %s failed: %s", self.service, name, error, exc_info=not isinstance(error, EngineError))
+                _LOGGER.warning(
+                    "%s: %s failed: %s",
+                    self.service,
+                    name,
+                    error,
+                    exc_info=not isinstance(error, EngineError),
+                )
                 attempt = Attempt(index, name, outcome, self._clock() - started, _short(error))
             else:
                 reason = quality_gate(value) if quality_gate is not None else None
@@ -333,10 +337,16 @@ class FallbackChain(Generic[E]):
             try:
                 await asyncio.wait_for(state.engine.load(), self.load_timeout_s)
             except TimeoutError:
-                return Attempt(index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, "load timed out")
+                return Attempt(
+                    index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, "load timed out"
+                )
             except Exception as error:  # a broken model file, a missing library, OOM
-                _LOGGER.warning("%s: loading %s failed: %s", self.service, state.engine.name, error, exc_info=True)
-                return Attempt(index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, _short(error))
+                _LOGGER.warning(
+                    "%s: loading %s failed: %s", self.service, state.engine.name, error, exc_info=True
+                )
+                return Attempt(
+                    index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, _short(error)
+                )
             state.loaded = True
             seconds = self._clock() - started
             _LOGGER.info("%s: loaded %s in %.2f s", self.service, state.engine.name, seconds)

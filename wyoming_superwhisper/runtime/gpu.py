@@ -218,7 +218,7 @@ def apply(decision: GpuDecision, environ: MutableMapping[str, str]) -> None:
 def guard(
     policy: GpuSettings,
     *,
-    devices: Sequence[GpuDevice] | None | str = "nvml",
+    devices: Sequence[GpuDevice] | str | None = "nvml",
     environ: MutableMapping[str, str] | None = None,
     modules: Mapping[str, Any] | None = None,
 ) -> GpuDecision:
@@ -254,9 +254,10 @@ def verify_pinned(decision: GpuDecision, torch_module: Any | None = None) -> lis
         return []
     if torch_module is None:
         try:
-            import torch as torch_module
+            import torch
         except ImportError:
             return []
+        torch_module = torch
     cuda = torch_module.cuda
     if not cuda.is_available():
         return ["torch sees no CUDA device, though NVML listed the pinned GPU (driver or CUDA build?)"]
@@ -269,9 +270,7 @@ def verify_pinned(decision: GpuDecision, torch_module: Any | None = None) -> lis
         problems.append(f"cuda:0 is {name!r}, expected {decision.gpu.name!r}")
     total = cuda.get_device_properties(0).total_memory
     if abs(total - decision.gpu.total_bytes) > 0.02 * decision.gpu.total_bytes:
-        problems.append(
-            f"cuda:0 has {total / GB:.1f} GB, expected {decision.gpu.total_gb:.1f} GB"
-        )
+        problems.append(f"cuda:0 has {total / GB:.1f} GB, expected {decision.gpu.total_gb:.1f} GB")
     return problems
 
 

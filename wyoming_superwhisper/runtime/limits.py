@@ -70,7 +70,9 @@ async def _read_event(reader: asyncio.StreamReader, limits: ReadLimits) -> Event
             "header-too-large", f"event header longer than {limits.max_header_bytes} bytes"
         ) from error
     if len(line) > limits.max_header_bytes:
-        raise ProtocolViolation("header-too-large", f"event header longer than {limits.max_header_bytes} bytes")
+        raise ProtocolViolation(
+            "header-too-large", f"event header longer than {limits.max_header_bytes} bytes"
+        )
     header = _parse_json_object(line, "header")
     event_type = header.get("type")
     if not isinstance(event_type, str) or not event_type:

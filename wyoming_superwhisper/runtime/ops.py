@@ -31,9 +31,7 @@ SECRET_KEYS = ("token", "api_key", "password", "secret")
 def redact(value: Any) -> Any:
     """Replace secrets (tokens, API keys) anywhere in a settings tree with '***'."""
     if isinstance(value, dict):
-        return {
-            key: ("***" if value_is_secret(key, item) else redact(item)) for key, item in value.items()
-        }
+        return {key: ("***" if value_is_secret(key, item) else redact(item)) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value

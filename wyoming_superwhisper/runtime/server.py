@@ -143,9 +143,7 @@ class WyomingService(ABC):
         if self.state is not ServiceState.READY:
             return False, f"{self.name} is {self.state.value}"
         for chain in self.chains():
-            usable = [
-                lv for lv in chain.status() if lv["loaded"] and lv["circuit"] != "open"
-            ]
+            usable = [lv for lv in chain.status() if lv["loaded"] and lv["circuit"] != "open"]
             if not chain.healthy() or not usable:
                 return False, f"{chain.service}: no healthy, loaded engine"
         return True, "ok"
@@ -191,7 +189,9 @@ class ServiceServer:
                 self._on_connection, parsed.path, limit=self.limits.max_header_bytes
             )
         else:
-            raise ValueError(f"{self.service.name}: only tcp:// and unix:// URIs are served, not {self.service.uri}")
+            raise ValueError(
+                f"{self.service.name}: only tcp:// and unix:// URIs are served, not {self.service.uri}"
+            )
         _LOGGER.info("%s listening on %s (port %s)", self.service.name, self.service.uri, self.port)
 
     @property
@@ -231,7 +231,9 @@ class ServiceServer:
                     await connection.error(str(violation), violation.code)
                     return
                 except TimeoutError:
-                    _LOGGER.info("%s %s: idle for %.0f s, closing", name, connection.peer, self.limits.idle_timeout_s)
+                    _LOGGER.info(
+                        "%s %s: idle for %.0f s, closing", name, connection.peer, self.limits.idle_timeout_s
+                    )
                     self.metrics.protocol_errors.labels(name, "idle-timeout").inc()
                     return
                 if event is None:
