@@ -18,8 +18,11 @@ with_test=0
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # --- Debian packages ---------------------------------------------------------------
+packages=(espeak-ng cmake g++ make)
+# Test tools: a real Prometheus (and promtool) for the observability tests.
+[ "$with_test" = 1 ] && packages+=(prometheus)
 need=()
-for pkg in espeak-ng cmake g++ make; do
+for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

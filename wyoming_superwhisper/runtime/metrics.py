@@ -32,6 +32,14 @@ CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState
 
 REQUEST_OUTCOMES = ("ok", "fallback", "error", "busy", "rejected_input")
 
+STAGES = {
+    "asr": ("audio_stop_to_transcript", "endpoint_to_transcript", "decode"),
+    "handle": ("first_chunk", "generation"),
+    "tts": ("first_audio", "synthesis"),
+    "pipeline": ("end_to_end",),
+}
+"""Stage names of ``superwhisper_stage_seconds`` per service (dashboards and alerts use them)."""
+
 
 class Metrics:
     """The project's metrics on one registry; also the chains' observer."""
@@ -89,6 +97,39 @@ class Metrics:
             "superwhisper_protocol_errors_total",
             "Connections closed for a protocol violation, by code",
             ["service", "code"],
+            registry=r,
+        )
+        self.speculative = Counter(
+            "superwhisper_asr_speculative_total",
+            "Speculative decodes by result: hit (used as the answer) or miss (speech resumed)",
+            ["result"],
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "superwhisper_handle_tokens_per_second",
+            "LLM generation speed of one answer, in tokens per second",
+            ["fallback_level"],
+            buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400),
+            registry=r,
+        )
+        self.real_time_factor = Histogram(
+            "superwhisper_tts_real_time_factor",
+            "Synthesis seconds per second of audio produced (lower is faster)",
+            ["fallback_level"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0),
+            registry=r,
+        )
+        self.gpu_hygiene = Counter(
+            "superwhisper_gpu_hygiene_events_total",
+            "GPU memory above the high watermark: caches freed or an engine unloaded",
+            ["action"],
+            registry=r,
+        )
+        self.vram_delta = Histogram(
+            "superwhisper_gpu_request_vram_delta_bytes",
+            "Change of GPU memory in use across one request (NVML), in bytes",
+            ["service"],
+            buckets=(-1e9, -1e8, -1e7, 0, 1e7, 1e8, 1e9, 4e9),
             registry=r,
         )
         self.ready = Gauge(
