@@ -150,6 +150,16 @@ class AllLevelsFailed(Exception):
         super().__init__(f"{service}: every engine failed ({detail or 'no engine configured'})")
 
 
+class MemoryWatch(Protocol):
+    """Watches device memory around calls (runtime.hygiene.VramGuard)."""
+
+    def register(self, chain: FallbackChain[Any]) -> None: ...
+
+    def before(self) -> int | None: ...
+
+    async def after(self, service: str, used_before: int | None) -> None: ...
+
+
 class ChainObserver(Protocol):
     """Receives the chain's events; metrics implement it, tests may record them."""
 
@@ -219,9 +229,11 @@ class FallbackChain(Generic[E]):
         failure_threshold: int = 3,
         cooldown_s: float = 30.0,
         observer: ChainObserver | None = None,
+        memory: MemoryWatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
+        self.memory = memory
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.observer = observer
@@ -229,6 +241,8 @@ class FallbackChain(Generic[E]):
         self.levels: list[LevelState[E]] = [
             LevelState(engine, CircuitBreaker(failure_threshold, cooldown_s, clock)) for engine in engines
         ]
+        if memory is not None:
+            memory.register(self)
 
     @property
     def engines(self) -> list[E]:
@@ -291,6 +305,8 @@ class FallbackChain(Generic[E]):
                 previous_failed = index
                 continue
             started = self._clock()
+            used_before = self.memory.before() if self.memory is not None else None
+            measured = False
             try:
                 value = await asyncio.wait_for(call(state.engine), timeout)
             except asyncio.CancelledError:
@@ -313,6 +329,9 @@ class FallbackChain(Generic[E]):
                 )
                 attempt = Attempt(index, name, outcome, self._clock() - started, _short(error))
             else:
+                if self.memory is not None:
+                    await self.memory.after(self.service, used_before)
+                    measured = True
                 reason = quality_gate(value) if quality_gate is not None else None
                 seconds = self._clock() - started
                 if reason is None:
@@ -322,6 +341,8 @@ class FallbackChain(Generic[E]):
                     return ChainResult(value, index, name, tuple(attempts))
                 _LOGGER.info("%s: %s answer rejected: %s", self.service, name, reason)
                 attempt = Attempt(index, name, Outcome.REJECTED, seconds, reason)
+            if self.memory is not None and not measured:
+                await self.memory.after(self.service, used_before)
             attempts.append(self._fail(index, attempt))
             previous_failed = index
         raise AllLevelsFailed(self.service, attempts)

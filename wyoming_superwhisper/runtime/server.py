@@ -28,6 +28,7 @@ from wyoming.event import Event, async_write_event
 from ..config import Settings
 from .fallback import FallbackChain
 from .gpu import GpuDecision
+from .hygiene import VramGuard
 from .limits import ProtocolViolation, ReadLimits, read_event
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -43,6 +44,12 @@ class ServiceContext:
     registry: ModelRegistry
     gpu: GpuDecision
     metrics: Metrics
+    vram: VramGuard | None = None
+    """GPU memory hygiene shared by every chain of the process (no-op without a GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.vram is None:
+            self.vram = VramGuard(self.gpu, self.metrics, self.settings.gpu.vram_high_watermark)
 
 
 class Connection:
