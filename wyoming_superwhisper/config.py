@@ -134,6 +134,14 @@ class AsrSettings:
     hass_url: str = ""
     """Home Assistant base URL to fetch entity/area names for recognition hints; empty: off."""
     hass_token: str = ""
+    """Long-lived access token for ``hass_url``."""
+    hass_refresh_s: float = 300.0
+    """How often the Home Assistant names are fetched again, in seconds."""
+    min_avg_logprob: float = -2.0
+    """Quality gate: a transcript whose average token log-probability is lower is garbage
+    and the next chain level redoes it."""
+    max_compression_ratio: float = 2.4
+    """Quality gate: a transcript more compressible than this is a repetition loop."""
 
 
 @dataclass(frozen=True)
@@ -157,13 +165,24 @@ class HandleSettings:
     """Exchanges kept per conversation."""
     memory_ttl_s: float = 900.0
     """A conversation idle for this long is forgotten, in seconds."""
+    implicit_memory_ttl_s: float = 120.0
+    """Lifetime of the implicit per-client-host conversation used when the request
+    carries no conversation id (Home Assistant 2025.4), in seconds; 0: no memory then."""
+    stream_holdback_chars: int = 32
+    """Characters of the answer held back while streaming, so the quality gate can reject
+    a bad start (and trim a loop) before it is sent; 0: every token goes out at once."""
     queue_size: int = 4
+    """Requests in flight at most (generating or waiting for a model); more get ``busy``."""
     failure_threshold: int = 3
     cooldown_s: float = 30.0
+    api_host: str = "0.0.0.0"
+    """Address the ``/v1`` API listens on."""
     api_port: int = 0
     """Port of the OpenAI-compatible ``/v1`` API; 0: off."""
     api_key: str = ""
     """Bearer token required by the ``/v1`` API; empty: no auth."""
+    api_max_tokens: int = 1024
+    """Largest ``max_tokens`` a ``/v1`` client may ask for (Wyoming requests use ``max_tokens``)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,455 @@
+"""The handle service: conversation memory + a fallback chain of LLMs, answers streamed.
+
+One :meth:`HandleService.respond` serves both front doors (the Wyoming
+handler and the OpenAI-compatible ``/v1`` API): it builds nothing Wyoming,
+it streams cleaned text to a sink and returns the final :class:`Answer`.
+
+Streaming and the quality gate meet in :meth:`HandleService._stream_level`.
+The last ``handle.stream_holdback_chars`` characters of the answer are held
+back while the model writes: until the first characters are released, a
+level whose answer is empty, loops, is cut off or is in the wrong language
+is *rejected* and the next level answers, invisibly. Once text was
+released, that level owns the answer: a loop found later stops the
+generation and the held-back repetition is dropped, a timeout or an engine
+failure ends the answer where it is (cut back to the last sentence end, or
+closed with "…"). So the chunks a client receives always concatenate to the
+final text. The language check is skipped on the last level: an answer in
+the wrong language beats an apology.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wyoming.info import Attribution, HandleModel, HandleProgram, Info
+
+from .. import __version__
+from ..config import ConfigError, HandleSettings
+from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
+from ..runtime.fallback import (
+    AllLevelsFailed,
+    Attempt,
+    EngineError,
+    FallbackChain,
+    Outcome,
+    QualityRejected,
+)
+from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
+from .conversation import ConversationMemory, build_messages
+from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
+from .prompts import (
+    clean_for_speech,
+    ends_sentence,
+    last_sentence_end,
+    loop_start,
+    system_prompt,
+    wrong_language,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+ChunkSink = Callable[[str], Awaitable[None]]
+SEND_MARGIN_S = 0.5
+"""Kept from ``handle.timeout_s`` to send the final events once generation stops."""
+PROMPTS_KEPT = 256
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The final answer with its provenance (what metrics, logs and tests explain)."""
+
+    text: str
+    level: int
+    engine: str
+    model: str
+    finish_reason: str
+    """``stop``, ``length``, ``tool_calls``, or how it was repaired: ``loop``, ``timeout``, ``error``."""
+    attempts: tuple[Attempt, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    first_chunk_s: float | None = None
+    """Seconds from the request to the first released chunk (None: nothing streamed)."""
+
+    @property
+    def fell_back(self) -> bool:
+        return self.level > 0
+
+
+@dataclass
+class _Stream:
+    """One level's attempt at one answer (per-request state of :meth:`_stream_level`)."""
+
+    raw: str = ""
+    sent: str = ""
+    committed: bool = False
+    finish: str | None = None
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    first_chunk_at: float | None = None
+
+
+def build_engine(planned: PlannedLevel) -> ChatEngine:
+    """A planned chain level → its engine (remote URL or GGUF model)."""
+    level = planned.level
+    if planned.model is None:
+        return OpenAIEngine(level.remote, options=level.options)
+    spec = planned.model.spec
+    if spec.kind != "llm":
+        raise ConfigError(
+            f"{planned.key}.model", "configuration", f"{spec.ref} is a {spec.kind} model, not an LLM"
+        )
+    options = {**dict(spec.options), **dict(level.options)}
+    return LlamaCppEngine(
+        planned.model.entry_path,
+        device=planned.device,
+        ref=spec.ref,
+        quality=spec.quality,
+        languages=spec.languages,
+        options=options,
+    )
+
+
+class HandleService(WyomingService):
+    """Wyoming ``handle`` server (and, when ``handle.api_port`` is set, the ``/v1`` API)."""
+
+    name = "handle"
+
+    def __init__(
+        self,
+        context: ServiceContext,
+        *,
+        engines: Sequence[ChatEngine] | None = None,
+        clock: Callable[[], dt.datetime] = dt.datetime.now,
+    ) -> None:
+        super().__init__(context)
+        self.settings: HandleSettings = context.settings.handle
+        self.plan: ChainPlan | None = None
+        if engines is None:
+            self.plan = plan_chain("handle.chain", self.settings.chain, context.registry, context.gpu)
+            for skipped in self.plan.skipped:
+                log = _LOGGER.warning if skipped.degraded else _LOGGER.info
+                log("handle: %s skipped: %s", skipped.key, skipped.reason)
+            engines = [build_engine(planned) for planned in self.plan.levels]
+        self.chain: FallbackChain[ChatEngine] = FallbackChain(
+            "handle",
+            engines,
+            timeout_s=self.settings.timeout_s + 5.0,  # the real deadline is enforced per request
+            failure_threshold=self.settings.failure_threshold,
+            cooldown_s=self.settings.cooldown_s,
+            observer=context.metrics,
+        )
+        self.memory = ConversationMemory(
+            self.settings.memory_turns, self.settings.memory_ttl_s, self.settings.implicit_memory_ttl_s
+        )
+        self._clock = clock
+        self._prompts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._in_flight = 0
+        self._api: Any = None
+
+    # -- WyomingService ------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return self.settings.uri
+
+    def chains(self) -> Sequence[FallbackChain[Any]]:
+        return [self.chain]
+
+    def create_handler(self, connection: Connection) -> EventHandler:
+        from .handler import HandleHandler
+
+        return HandleHandler(connection, self)
+
+    async def start(self) -> None:
+        await super().start()
+        if self.settings.api_port:
+            from .api import OpenAIApi
+
+            self._api = OpenAIApi(self)
+            await self._api.start()
+
+    async def stop(self) -> None:
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
+        await super().stop()
+
+    async def smoke(self) -> str:
+        """A few real tokens from the first level that answers, no gate."""
+        request = ChatRequest(
+            build_messages(self._system("fr"), [], "Dis bonjour."), max_tokens=4
+        )
+
+        async def call(engine: ChatEngine) -> str:
+            text = ""
+            async with contextlib.aclosing(engine.stream(request)) as stream:
+                async for delta in stream:
+                    text += delta.text
+            if not text.strip():
+                raise QualityRejected("empty answer")
+            return text.strip()
+
+        result = await self.chain.run(call, timeout_s=self.settings.timeout_s)
+        return f"{result.engine}: {result.value!r}"
+
+    # -- describe ----------------------------------------------------------------------
+
+    def info(self) -> Info:
+        """``info`` for ``describe``: one program, the chain's models (missing ones not installed)."""
+        models: list[HandleModel] = []
+        for engine in self.chain.engines:
+            spec = None
+            if self.plan is not None:
+                for planned in self.plan.levels:
+                    if planned.spec is not None and planned.spec.ref == getattr(engine, "model", ""):
+                        spec = planned.spec
+            models.append(
+                HandleModel(
+                    name=engine.model or engine.name,
+                    description=spec.description if spec else engine.name,
+                    attribution=Attribution(
+                        name=spec.attribution.name if spec else "remote OpenAI-compatible API",
+                        url=spec.attribution.url if spec else getattr(engine, "base_url", ""),
+                    ),
+                    installed=True,
+                    version=spec.version if spec else None,
+                    languages=list(spec.languages if spec else engine.languages),
+                )
+            )
+        if self.plan is not None:
+            for skipped in self.plan.skipped:
+                if not skipped.degraded:
+                    continue  # does not apply here (a GPU level on a CPU box): not offered
+                ref = skipped.level.model
+                try:
+                    spec = self.context.registry.spec(ref)
+                except Exception:  # an unknown ref was already a ConfigError at planning
+                    continue
+                models.append(
+                    HandleModel(
+                        name=ref,
+                        description=spec.description,
+                        attribution=Attribution(name=spec.attribution.name, url=spec.attribution.url),
+                        installed=False,
+                        version=spec.version,
+                        languages=list(spec.languages),
+                    )
+                )
+        program = HandleProgram(
+            name="superwhisper-handle",
+            description="Assistant vocal local (LLM) avec mémoire de conversation et repli",
+            attribution=Attribution(
+                name="wyoming-superwhisper", url="https://github.com/wyoming-superwhisper"
+            ),
+            installed=True,
+            version=__version__,
+            models=models,
+            supports_handled_streaming=True,
+        )
+        return Info(handle=[program])
+
+    # -- the work ------------------------------------------------------------------
+
+    def _system(self, language: str) -> str:
+        return system_prompt(
+            self.settings.assistant_name, language, self._clock(), self.settings.system_prompt
+        )
+
+    def conversation_messages(self, key: str, text: str, language: str) -> list[dict[str, Any]]:
+        """The prompt for a request in a conversation: system, remembered turns, the request.
+
+        Kept per conversation (:meth:`last_prompt`) so tests and debug logs can see
+        exactly what the model was given.
+        """
+        messages = build_messages(self._system(language), self.memory.history(key), text)
+        self._prompts[key] = messages
+        self._prompts.move_to_end(key)
+        while len(self._prompts) > PROMPTS_KEPT:
+            self._prompts.popitem(last=False)
+        return messages
+
+    def last_prompt(self, key: str) -> list[dict[str, Any]] | None:
+        return self._prompts.get(key)
+
+    def try_admit(self) -> bool:
+        """Count a request in; False (answer ``busy``) when ``handle.queue_size`` are in flight."""
+        if self._in_flight >= max(1, self.settings.queue_size):
+            return False
+        self._in_flight += 1
+        self.context.metrics.queue_depth.labels(self.name).set(self._in_flight)
+        return True
+
+    def release(self) -> None:
+        self._in_flight = max(0, self._in_flight - 1)
+        self.context.metrics.queue_depth.labels(self.name).set(self._in_flight)
+
+    async def respond(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        language: str,
+        on_chunk: ChunkSink,
+        *,
+        max_tokens: int | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> Answer:
+        """Stream an answer through the chain; raise :class:`AllLevelsFailed` when none answers.
+
+        Always returns (or raises) within ``timeout_s`` (default ``handle.timeout_s``).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = self.settings.timeout_s if timeout_s is None else timeout_s
+        deadline = started + max(0.1, budget - SEND_MARGIN_S)
+        request = ChatRequest(
+            messages=list(messages),
+            max_tokens=min(
+                max_tokens or self.settings.max_tokens,
+                max(self.settings.max_tokens, self.settings.api_max_tokens),
+            ),
+            tools=tools,
+            tool_choice=tool_choice,
+            extra=dict(extra or {}),
+        )
+        last_index = len(self.chain.levels) - 1
+        engines = self.chain.engines
+
+        async def call(engine: ChatEngine) -> Answer:
+            index = engines.index(engine)
+            return await self._stream_level(
+                engine, index, request, language, on_chunk, deadline, started, index == last_index
+            )
+
+        try:
+            async with asyncio.timeout_at(started + max(0.1, budget - SEND_MARGIN_S / 2)):
+                result = await self.chain.run(call, timeout_s=budget + 5.0)
+        except TimeoutError:
+            # Only reachable while nothing was released (e.g. a slow lazy load).
+            raise AllLevelsFailed(
+                "handle",
+                [Attempt(-1, "chain", Outcome.TIMEOUT, loop.time() - started, f"over {budget:g} s")],
+            ) from None
+        answer = result.value
+        return Answer(
+            text=answer.text,
+            level=result.level,
+            engine=result.engine,
+            model=answer.model,
+            finish_reason=answer.finish_reason,
+            attempts=result.attempts,
+            tool_calls=answer.tool_calls,
+            first_chunk_s=answer.first_chunk_s,
+        )
+
+    async def _stream_level(
+        self,
+        engine: ChatEngine,
+        index: int,
+        request: ChatRequest,
+        language: str,
+        on_chunk: ChunkSink,
+        deadline: float,
+        started: float,
+        is_last: bool,
+    ) -> Answer:
+        loop = asyncio.get_running_loop()
+        holdback = max(0, self.settings.stream_holdback_chars)
+        state = _Stream()
+        clean = ""
+        final: str | None = None
+        repaired = ""
+
+        async def release(text: str) -> None:
+            if len(text) > len(state.sent) and text.startswith(state.sent):
+                piece = text[len(state.sent) :]
+                state.sent = text
+                if state.first_chunk_at is None:
+                    state.first_chunk_at = loop.time()
+                await on_chunk(piece)
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with contextlib.aclosing(engine.stream(request)) as stream:
+                    async for delta in stream:
+                        state.raw += delta.text
+                        state.finish = delta.finish_reason or state.finish
+                        if delta.tool_calls:
+                            _merge_tool_calls(state.tool_calls, delta.tool_calls)
+                        clean = clean_for_speech(state.raw)
+                        loop_at = loop_start(clean)
+                        if loop_at is not None:
+                            if not state.committed:
+                                raise QualityRejected("looping answer")
+                            final = clean[: max(loop_at, len(state.sent))]
+                            repaired = "loop"
+                            break
+                        if not state.committed:
+                            visible = clean.strip()
+                            if not visible or len(visible) <= holdback:
+                                continue
+                            reason = None if is_last else wrong_language(clean, language)
+                            if reason:
+                                raise QualityRejected(reason)
+                            state.committed = True
+                        await release(clean[: max(0, len(clean) - holdback)].rstrip())
+        except TimeoutError:
+            if not state.committed:
+                raise
+            repaired = "timeout"
+            _LOGGER.info("handle: %s ran out of time, ending the answer where it is", engine.name)
+        except EngineError as error:
+            if not state.committed or isinstance(error, QualityRejected):
+                raise
+            repaired = "error"
+            _LOGGER.warning("handle: %s failed mid-answer (%s), ending it where it is", engine.name, error)
+
+        text = (clean if final is None else final).rstrip()
+        finish = repaired or state.finish or "stop"
+        tool_calls = tuple(state.tool_calls[i] for i in sorted(state.tool_calls))
+        if not state.committed:
+            if not text and not tool_calls:
+                raise QualityRejected("empty answer")
+            if not tool_calls and not is_last:
+                if finish == "length" and not ends_sentence(text) and last_sentence_end(text) < 0:
+                    raise QualityRejected("cut off by the token limit")
+                reason = wrong_language(text, language)
+                if reason:
+                    raise QualityRejected(reason)
+        if finish in ("length", "timeout", "error") and text and not ends_sentence(text):
+            end = last_sentence_end(text, len(state.sent))
+            text = text[:end] if end > 0 else text + "…"
+        if not text.startswith(state.sent):  # cleaning changed released text: keep what was said
+            text = state.sent
+        await release(text)
+        return Answer(
+            text=text,
+            level=index,
+            engine=engine.name,
+            model=engine.model,
+            finish_reason=finish,
+            tool_calls=tool_calls,
+            first_chunk_s=None if state.first_chunk_at is None else state.first_chunk_at - started,
+        )
+
+
+def _merge_tool_calls(into: dict[int, dict[str, Any]], deltas: Sequence[Mapping[str, Any]]) -> None:
+    """Accumulate OpenAI tool-call deltas (arguments arrive in pieces) into whole calls."""
+    for delta in deltas:
+        index = int(delta.get("index", 0) or 0)
+        call = into.setdefault(
+            index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] += function["name"]
+        if function.get("arguments"):
+            call["function"]["arguments"] += function["arguments"]
