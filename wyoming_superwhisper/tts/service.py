@@ -1,0 +1,333 @@
+"""The TTS service: one voice chain per language, built from ``tts.voices``.
+
+Home Assistant never sends a language, so a request is routed by the voice
+name if it names one, else by the language it names, else by ``tts.language``
+(French by default). A chain only holds voices of its own language, so a
+French text is never read by an English voice; when a language has no
+installed voice the request gets an ``error`` event rather than a voice that
+mangles it.
+
+Every configured voice is loaded at start and stays loaded (a Piper voice is
+warmed with one synthesis), so the first request pays no load and a fallback
+voice answers as fast as the primary would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeaker
+
+from .. import __version__
+from ..config import ConfigError, EngineLevel, TtsSettings
+from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
+from ..runtime.fallback import ChainResult, FallbackChain
+from ..runtime.registry import SystemSource, UnknownModel
+from ..runtime.server import Connection, EventHandler, ServiceContext, ServiceState, WyomingService
+from .engines import (
+    Audio,
+    EspeakEngine,
+    PiperEngine,
+    RemoteWyomingEngine,
+    SynthesisOptions,
+    TtsEngine,
+    VoiceInfo,
+    check_audio,
+)
+from .sentences import normalize
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_RATE = 22050
+"""Rate announced for an answer with no audio at all (empty text) when nothing else is known."""
+
+
+class VoiceError(Exception):
+    """The request names a voice or language this server cannot serve; sent as an ``error``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def language_key(language: str) -> str:
+    """``fr-FR``, ``fr_FR``, ``FR`` → ``fr``: chains are keyed by the primary subtag."""
+    return language.strip().replace("_", "-").split("-")[0].lower()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which chain answers a request, and in which order its levels are tried."""
+
+    language: str
+    chain: FallbackChain[TtsEngine]
+    levels: tuple[int, ...]
+    voice: str
+    """The voice asked for (or the language's first voice): for logs."""
+
+
+@dataclass
+class _Voice:
+    """A configured voice: where it lives in which chain, and what describe says of it."""
+
+    info: VoiceInfo
+    language: str
+    level: int | None
+    """Index in its language's chain; None when the voice is not usable here."""
+    engine: TtsEngine | None
+
+
+def build_engine(planned: PlannedLevel, settings: TtsSettings) -> TtsEngine:
+    """The engine for one planned chain level (a Piper voice, espeak-ng, or a remote server)."""
+    level = planned.level
+    options: dict[str, Any] = {}
+    if planned.model is not None:
+        options.update(planned.model.spec.options)
+    options.update(level.options)
+    if planned.model is None:
+        return RemoteWyomingEngine(
+            uri=level.remote,
+            voice=options.get("voice") or None,
+            name=voice_name(level),
+        )
+    model = planned.model
+    spec = model.spec
+    if spec.kind == "piper":
+        speaker = options.get("speaker")
+        return PiperEngine(
+            model_path=model.entry_path,
+            name=spec.ref,
+            quality=spec.quality,
+            device=planned.device,
+            speaker=None if speaker is None else str(speaker),
+            length_scale=float(options.get("length_scale", 1.0)),
+            warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
+        )
+    if spec.kind == "espeak":
+        system_voice = next(
+            (s.voice for s in spec.sources if isinstance(s, SystemSource) and s.voice), ""
+        )
+        voice = str(options.get("voice") or system_voice or (spec.languages or ("fr",))[0])
+        return EspeakEngine(
+            binary=model.entry_path,
+            voice=voice,
+            name=spec.ref,
+            quality=spec.quality,
+            native_rate=int(options.get("sample_rate", 22050)),
+        )
+    raise ConfigError(planned.key, "configuration", f"{spec.ref} is a {spec.kind} model, not a voice")
+
+
+def voice_name(level: EngineLevel) -> str:
+    """The name a voice has in ``describe`` and in ``synthesize``'s ``voice.name``."""
+    if level.model:
+        return level.model
+    given = level.options.get("name")
+    if given:
+        return str(given)
+    return "wyoming-" + level.remote.removeprefix("tcp://").replace(":", "-")
+
+
+class TtsService(WyomingService):
+    """Wyoming TTS: sentence-by-sentence synthesis through per-language voice chains."""
+
+    name = "tts"
+
+    def __init__(self, context: ServiceContext) -> None:
+        super().__init__(context)
+        self.settings = context.settings.tts
+        self.default_language = language_key(self.settings.language)
+        if self.default_language not in {language_key(k) for k in self.settings.voices}:
+            raise ConfigError(
+                "tts.language",
+                "configuration",
+                f"no voices configured for {self.settings.language!r} (tts.voices has "
+                f"{', '.join(self.settings.voices) or 'none'})",
+            )
+        self.plans: dict[str, ChainPlan] = {}
+        self.routes: dict[str, FallbackChain[TtsEngine]] = {}
+        self.voices: dict[str, _Voice] = {}
+        shared: dict[tuple[str, str, str], TtsEngine] = {}
+        for raw_language, levels in self.settings.voices.items():
+            language = language_key(raw_language)
+            plan = plan_chain(f"tts.voices.{raw_language}", levels, context.registry, context.gpu)
+            self.plans[language] = plan
+            engines: list[TtsEngine] = []
+            planned_by_key = {p.key: p for p in plan.levels}
+            skipped_by_key = {s.key: s for s in plan.skipped}
+            for index, level in enumerate(levels):  # configured order, also in describe
+                level_key = f"tts.voices.{raw_language}[{index}]"
+                planned = planned_by_key.get(level_key)
+                if planned is None:
+                    skipped = skipped_by_key.get(level_key)
+                    reason = skipped.reason if skipped is not None else "not planned"
+                    _LOGGER.warning("tts: %s skipped: %s", level_key, reason)
+                    self._add_voice(level, language, None, None, installed=False)
+                    continue
+                key = (voice_name(level), planned.device, repr(sorted(level.options.items())))
+                engine = shared.get(key) or build_engine(planned, self.settings)
+                shared[key] = engine
+                self._add_voice(level, language, len(engines), engine, installed=True)
+                engines.append(engine)
+            self.routes[language] = FallbackChain(
+                f"tts.{language}",
+                engines,
+                timeout_s=self.settings.timeout_s,
+                failure_threshold=self.settings.failure_threshold,
+                cooldown_s=self.settings.cooldown_s,
+                observer=context.metrics,
+            )
+
+    def _add_voice(
+        self, level: EngineLevel, language: str, index: int | None, engine: TtsEngine | None,
+        *, installed: bool,
+    ) -> None:
+        name = voice_name(level)
+        existing = self.voices.get(name)
+        if existing is not None:
+            if language not in existing.info.languages:
+                info = existing.info
+                existing.info = VoiceInfo(
+                    info.name, (*info.languages, language), info.description,
+                    info.attribution_name, info.attribution_url, info.version,
+                    info.installed or installed,
+                )
+            return
+        description, attribution, url, version = name, "", "", None
+        languages: tuple[str, ...] = (language,)
+        if level.model:
+            try:
+                spec = self.context.registry.spec(level.model)
+            except UnknownModel:  # plan_chain has already refused it; keep describe honest
+                spec = None
+            if spec is not None:
+                description = spec.description or name
+                attribution, url = spec.attribution.name, spec.attribution.url
+                version = spec.version or None
+        else:
+            description = f"remote Wyoming TTS at {level.remote}"
+            attribution, url = "remote server", level.remote
+        self.voices[name] = _Voice(
+            VoiceInfo(name, languages, description, attribution, url, version, installed),
+            language, index, engine,
+        )
+
+    # -- WyomingService --------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return self.settings.uri
+
+    def chains(self) -> Sequence[FallbackChain[Any]]:
+        """Chains with at least one usable voice (an empty one would make the service unready)."""
+        return [chain for chain in self.routes.values() if chain.levels]
+
+    def create_handler(self, connection: Connection) -> EventHandler:
+        from .handler import TtsHandler
+
+        return TtsHandler(connection, self)
+
+    async def start(self) -> None:
+        """Load (and warm) every voice of every chain: configured voices stay loaded."""
+        for chain in self.chains():
+            for index in range(len(chain.levels)):
+                await chain.load(index)
+        self.state = ServiceState.READY
+
+    async def smoke(self) -> str:
+        """One French word through the default language's chain."""
+        route = self.route(None, None)
+        options = SynthesisOptions(length_scale=self.settings.length_scale)
+        result = await self.speak(route, "Bonjour.", options)
+        if result is None:  # pragma: no cover - "Bonjour." is never empty
+            raise RuntimeError("nothing to say")
+        return f"{result.engine}: {result.value.seconds:.2f} s of audio"
+
+    # -- what the handler asks -------------------------------------------------------
+
+    def info(self) -> Info:
+        """The ``describe`` answer: every configured voice, installed or not."""
+        voices = []
+        for voice in self.voices.values():
+            info = voice.info
+            speakers = voice.engine.speakers() if voice.engine is not None else ()
+            voices.append(
+                TtsVoice(
+                    name=info.name,
+                    attribution=Attribution(name=info.attribution_name, url=info.attribution_url),
+                    installed=info.installed,
+                    description=info.description,
+                    version=info.version,
+                    languages=list(info.languages),
+                    speakers=[TtsVoiceSpeaker(name=s) for s in speakers] or None,
+                )
+            )
+        program = TtsProgram(
+            name="superwhisper-tts",
+            attribution=Attribution(name="wyoming-superwhisper", url="https://pypi.org/project/wyoming-superwhisper/"),
+            installed=True,
+            description="French-first TTS: Piper voices, espeak-ng fallback, sentence streaming",
+            version=__version__,
+            voices=voices,
+            supports_synthesize_streaming=True,
+        )
+        return Info(tts=[program])
+
+    def route(self, voice: str | None, language: str | None) -> Route:
+        """Choose the chain for a request; raise :class:`VoiceError` when none fits."""
+        if voice:
+            found = self.voices.get(voice)
+            if found is None:
+                known = ", ".join(sorted(self.voices))
+                raise VoiceError("unknown-voice", f"unknown voice {voice!r} (voices: {known})")
+            chain = self.routes[found.language]
+            if found.level is None:
+                _LOGGER.warning("tts: voice %s is not installed, using its language's chain", voice)
+                return self._language_route(found.language, voice)
+            order = (found.level, *(i for i in range(len(chain.levels)) if i != found.level))
+            return Route(found.language, chain, order, voice)
+        return self._language_route(language_key(language) if language else self.default_language, None)
+
+    def _language_route(self, language: str, voice: str | None) -> Route:
+        chain = self.routes.get(language)
+        if chain is None:
+            known = ", ".join(sorted(self.routes))
+            raise VoiceError(
+                "unsupported-language", f"no voice for language {language!r} (languages: {known})"
+            )
+        if not chain.levels:
+            raise VoiceError("voice-not-installed", f"no voice for {language!r} is installed")
+        first = chain.levels[0].engine.name
+        return Route(language, chain, tuple(range(len(chain.levels))), voice or first)
+
+    def native_rate(self, route: Route) -> int:
+        """The rate an answer will have when nothing has been synthesized yet (empty text)."""
+        if self.settings.output_rate:
+            return self.settings.output_rate
+        for index in route.levels:
+            rate = route.chain.levels[index].engine.native_rate
+            if rate:
+                return rate
+        return DEFAULT_RATE
+
+    async def speak(
+        self, route: Route, text: str, options: SynthesisOptions
+    ) -> ChainResult[Audio] | None:
+        """One segment through the route's chain, normalized for its language; None if empty.
+
+        Raises :class:`~wyoming_superwhisper.runtime.fallback.AllLevelsFailed`.
+        """
+        spoken = normalize(text, route.language)
+        if not any(ch.isalnum() for ch in spoken):
+            return None
+
+        def gate(audio: Audio) -> str | None:
+            return check_audio(audio, spoken, options.length_scale)
+
+        async def call(engine: TtsEngine) -> Audio:
+            return await engine.synthesize(spoken, options)
+
+        return await route.chain.run(call, quality_gate=gate, levels=route.levels)
