@@ -167,6 +167,14 @@ class TtsService(WyomingService):
                     _LOGGER.warning("tts: %s skipped: %s", level_key, reason)
                     self._add_voice(level, language, None, None, installed=False)
                     continue
+                spec = planned.spec
+                if spec is not None and spec.languages and language not in spec.languages:
+                    # A French text read by an English voice is worse than an error.
+                    _LOGGER.warning(
+                        "tts: %s (%s) does not speak %r: left out of the %s chain",
+                        level_key, spec.ref, language, language,
+                    )
+                    continue
                 key = (voice_name(level), planned.device, repr(sorted(level.options.items())))
                 engine = shared.get(key) or build_engine(planned, self.settings)
                 shared[key] = engine
