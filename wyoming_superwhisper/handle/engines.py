@@ -147,6 +147,10 @@ class LlamaCppEngine(ChatEngine):
     def _load_blocking(self) -> Any:
         from llama_cpp import Llama  # after the GPU guard: the import may touch CUDA
 
+        return Llama(**self.llama_kwargs())
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        """What ``Llama(...)`` gets: every layer on ``cuda:0`` when the guard pinned a GPU."""
         kwargs: dict[str, Any] = {
             "model_path": str(self.model_path),
             "n_gpu_layers": -1 if self.device.startswith("cuda") else 0,
@@ -156,7 +160,7 @@ class LlamaCppEngine(ChatEngine):
         for key in ("chat_format", "n_threads", "n_batch", "flash_attn", "seed"):
             if key in self.options:
                 kwargs[key] = self.options[key]
-        return Llama(**kwargs)
+        return kwargs
 
     async def close(self) -> None:
         if self._lock is not None:

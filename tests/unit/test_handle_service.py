@@ -1,0 +1,403 @@
+"""Handle service without models: the chain by VRAM, the streaming gate, the protocol.
+
+Engines here are scripted fakes: the chain, the gate and the handler are
+under test, not the model (that is tests/integration/test_handle_llm.py).
+Everything else is real: settings, registry, the TCP server, the wyoming client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from wyoming.asr import Transcript
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+
+from wyoming_superwhisper.config import GpuSettings, Settings
+from wyoming_superwhisper.handle.engines import ChatDelta, ChatEngine, ChatRequest, LlamaCppEngine
+from wyoming_superwhisper.handle.service import HandleService
+from wyoming_superwhisper.runtime.fallback import EngineError
+from wyoming_superwhisper.runtime.gpu import GpuDevice, choose_gpu
+from wyoming_superwhisper.runtime.metrics import Metrics
+from wyoming_superwhisper.runtime.registry import ModelRegistry, _packaged_catalog, load_catalog
+from wyoming_superwhisper.runtime.server import ServiceContext
+
+from ..conftest import LOOPBACK, make_context, make_settings
+
+GIB = 1024**3
+
+# --- the chain by VRAM -------------------------------------------------------------
+
+PRODUCTION_CHAIN = [
+    {"model": "nous-hermes-13b", "device": "cuda"},
+    {"model": "nous-hermes-2-mistral-7b-dpo-q4ks", "device": "cuda"},
+    {"model": "phi-3-mini", "device": "cuda"},
+    {"remote": "http://127.0.0.1:9/v1"},
+    {"model": "nous-hermes-2-mistral-7b-dpo-q4ks", "device": "cpu"},
+]
+
+
+def production_registry(root: Path) -> ModelRegistry:
+    """The packaged catalog, with fake files for the big GGUFs in a tmp root (never loaded)."""
+    catalog = load_catalog(_packaged_catalog())
+    for ref in ("nous-hermes-13b", "nous-hermes-2-mistral-7b-dpo-q4ks", "phi-3-mini"):
+        directory = root / ref
+        directory.mkdir(parents=True)
+        for name in catalog[ref].files:
+            (directory / name).write_bytes(b"GGUF fake")
+    return ModelRegistry(catalog, [root], root / "cache")
+
+
+@pytest.mark.parametrize(
+    ("gpu", "expected"),
+    [
+        (
+            ("NVIDIA GeForce RTX 3090", 24),
+            [
+                "llama-cpp:nous-hermes-13b@cuda:0",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cuda:0",
+                "llama-cpp:phi-3-mini@cuda:0",
+                "openai:http://127.0.0.1:9/v1",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cpu",
+            ],
+        ),
+        (
+            ("NVIDIA RTX A4000", 16),
+            [
+                "llama-cpp:nous-hermes-13b@cuda:0",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cuda:0",
+                "llama-cpp:phi-3-mini@cuda:0",
+                "openai:http://127.0.0.1:9/v1",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cpu",
+            ],
+        ),
+        (
+            ("NVIDIA GeForce RTX 3070", 8),
+            [
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cuda:0",
+                "llama-cpp:phi-3-mini@cuda:0",
+                "openai:http://127.0.0.1:9/v1",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cpu",
+            ],
+        ),
+        (
+            ("NVIDIA GeForce GTX 1650", 4),
+            [
+                "llama-cpp:phi-3-mini@cuda:0",
+                "openai:http://127.0.0.1:9/v1",
+                "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cpu",
+            ],
+        ),
+        (
+            None,
+            ["openai:http://127.0.0.1:9/v1", "llama-cpp:nous-hermes-2-mistral-7b-dpo-q4ks@cpu"],
+        ),
+    ],
+    ids=["24GB", "16GB", "8GB", "4GB", "no-gpu"],
+)
+def test_chain_follows_the_pinned_gpus_memory(
+    tmp_path: Path, gpu: tuple[str, int] | None, expected: list[str]
+) -> None:
+    settings = make_settings(**{"handle.chain": PRODUCTION_CHAIN})
+    devices = [] if gpu is None else [GpuDevice(0, gpu[0], gpu[1] * GIB, "00000000:01:00.0")]
+    decision = choose_gpu(devices, GpuSettings())
+    context = ServiceContext(settings, production_registry(tmp_path), decision, Metrics(CollectorRegistry()))
+    service = HandleService(context)
+    assert [engine.name for engine in service.chain.engines] == expected
+    for engine in service.chain.engines:
+        if isinstance(engine, LlamaCppEngine):
+            layers = engine.llama_kwargs()["n_gpu_layers"]
+            assert layers == (-1 if engine.device == "cuda:0" else 0)
+    assert service.plan is not None
+    skipped_for_vram = [s for s in service.plan.skipped if "GPU memory" in s.reason]
+    assert len(skipped_for_vram) == {24: 0, 16: 0, 8: 1, 4: 2}.get(gpu[1] if gpu else 0, 0)
+    # what describe offers: the planned models, and nothing that does not apply here
+    names = [m.name for m in service.info().handle[0].models]
+    assert len(names) == len(expected)
+
+
+def test_missing_model_is_offered_as_not_installed(tmp_path: Path) -> None:
+    settings = make_settings(
+        **{"handle.chain": [{"model": "phi-3-mini", "device": "cpu"}, {"remote": "http://127.0.0.1:9"}]}
+    )
+    registry = ModelRegistry(load_catalog(_packaged_catalog()), [tmp_path], tmp_path / "cache")
+    context = ServiceContext(settings, registry, choose_gpu(None, settings.gpu), Metrics(CollectorRegistry()))
+    service = HandleService(context)
+    models = {m.name: m.installed for m in service.info().handle[0].models}
+    assert models == {"openai:http://127.0.0.1:9/v1": True, "phi-3-mini": False}
+
+
+# --- scripted engines ------------------------------------------------------------------
+
+
+class ScriptedEngine(ChatEngine):
+    """Yields the given pieces; ``fail_at`` raises EngineError before that piece."""
+
+    def __init__(
+        self,
+        name: str,
+        pieces: Sequence[str],
+        *,
+        finish: str = "stop",
+        fail_at: int | None = None,
+        fail_load: bool = False,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.name = name
+        self.model = name
+        self.device = "cpu"
+        self.quality = 1
+        self.pieces = list(pieces)
+        self.finish = finish
+        self.fail_at = fail_at
+        self.fail_load = fail_load
+        self.delay_s = delay_s
+        self.requests: list[ChatRequest] = []
+        self.produced = 0
+        self.closed_early = False
+
+    async def load(self) -> None:
+        if self.fail_load:
+            raise EngineError(f"{self.name}: broken model file")
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatDelta, None]:
+        self.requests.append(request)
+        finished = False
+        try:
+            for i, piece in enumerate(self.pieces):
+                if self.fail_at == i:
+                    raise EngineError(f"{self.name}: crashed")
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                self.produced += 1
+                last = i == len(self.pieces) - 1
+                yield ChatDelta(piece, self.finish if last else None)
+            finished = True
+        finally:
+            self.closed_early = not finished
+
+
+def service_with(engines: Sequence[ChatEngine], **overrides: Any) -> HandleService:
+    settings: Settings = make_settings(**overrides)
+    return HandleService(make_context(settings), engines=engines)
+
+
+async def ask(
+    port: int, text: str, *, language: str | None = "fr", context: dict[str, Any] | None = None
+) -> list[Event]:
+    """Send one transcript, return every event up to the last one of the answer."""
+    events: list[Event] = []
+    async with AsyncTcpClient(LOOPBACK, port) as client:
+        await client.write_event(Transcript(text=text, language=language, context=context).event())
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 30)
+            assert event is not None, "server closed the connection"
+            events.append(event)
+            if event.type in ("handled-stop", "not-handled", "error"):
+                return events
+
+
+def chunks_of(events: list[Event]) -> str:
+    return "".join(e.data["text"] for e in events if e.type == "handled-chunk")
+
+
+def final_of(events: list[Event]) -> str:
+    (handled,) = [e for e in events if e.type == "handled"]
+    return str(handled.data["text"])
+
+
+FRENCH = ["Il ", "fait ", "très ", "beau ", "aujourd'hui ", "à ", "Paris, ", "profitez-en ", "bien."]
+ENGLISH = ["The ", "weather ", "is ", "very ", "nice ", "today ", "in ", "Paris, ", "enjoy ", "it."]
+
+
+@pytest.mark.parametrize("holdback", [0, 8, 32, 500])
+async def test_events_in_order_and_chunks_make_the_final_text(serve: Any, holdback: int) -> None:
+    engine = ScriptedEngine("a", ["**Il** ", "fait ", "beau", " aujourd", "'hui 😀", "."])
+    service = service_with([engine], **{"handle.stream_holdback_chars": holdback})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    types = [e.type for e in events]
+    assert types[0] == "handled-start" and types[-2:] == ["handled", "handled-stop"]
+    assert set(types[1:-2]) == {"handled-chunk"}
+    assert final_of(events) == "Il fait beau aujourd'hui ."
+    assert chunks_of(events) == final_of(events)
+    if holdback == 0:
+        assert types.count("handled-chunk") >= 4
+
+
+async def test_wrong_language_start_falls_to_next_level_unseen(serve: Any) -> None:
+    english, french = ScriptedEngine("en", ENGLISH), ScriptedEngine("fr", FRENCH)
+    service = service_with([english, french], **{"handle.stream_holdback_chars": 32})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events) == "Il fait très beau aujourd'hui à Paris, profitez-en bien."
+    assert chunks_of(events) == final_of(events)
+    assert english.closed_early  # the rejected generation was stopped, not run to its end
+    assert service.chain.status()[0]["last_error"].startswith("rejected: answer in en")
+
+
+async def test_last_level_may_answer_in_the_wrong_language(serve: Any) -> None:
+    service = service_with([ScriptedEngine("en", ENGLISH)])
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events).startswith("The weather is very nice today")
+
+
+async def test_empty_and_broken_levels_fall_through(serve: Any) -> None:
+    broken = ScriptedEngine("broken", FRENCH, fail_load=True)
+    empty = ScriptedEngine("empty", [" ", "\n", "**"])
+    crash = ScriptedEngine("crash", FRENCH, fail_at=0)
+    good = ScriptedEngine("good", FRENCH)
+    service = service_with([broken, empty, crash, good])
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events).startswith("Il fait très beau")
+    outcomes = [lv["last_error"].split(":")[0] for lv in service.chain.status()]
+    assert outcomes == ["load_failed", "rejected", "failed", ""]
+
+
+async def test_loop_before_release_is_rejected_after_release_is_trimmed(serve: Any) -> None:
+    loop_pieces = ["Le ", "Canada, ", "le ", "Canada, ", "le ", "Canada, ", "le ", "Canada"]
+    looping, good = ScriptedEngine("loop", loop_pieces), ScriptedEngine("good", FRENCH)
+    service = service_with([looping, good], **{"handle.stream_holdback_chars": 32})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quelle est la capitale du Canada ?")
+    assert final_of(events).startswith("Il fait très beau")
+
+    looping = ScriptedEngine("loop", ["Bien sûr, ", *loop_pieces])
+    service = service_with([looping, good], **{"handle.stream_holdback_chars": 0})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quelle est la capitale du Canada ?")
+    assert chunks_of(events) == final_of(events)
+    assert final_of(events).count("Canada") < 4
+    assert looping.closed_early
+
+
+async def test_cut_off_answer_ends_at_a_sentence(serve: Any) -> None:
+    engine = ScriptedEngine("cut", ["Il fait beau. ", "Demain il ", "pleuvra sur"], finish="length")
+    service = service_with([engine], **{"handle.stream_holdback_chars": 32})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events) == "Il fait beau."
+    assert chunks_of(events) == final_of(events)
+
+
+async def test_failure_after_release_keeps_what_was_said(serve: Any) -> None:
+    first = ScriptedEngine("dies", [*FRENCH[:6], "x"], fail_at=6)
+    second = ScriptedEngine("never", ENGLISH)
+    service = service_with([first, second], **{"handle.stream_holdback_chars": 0})
+    async with serve(service) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events) == "Il fait très beau aujourd'hui à…"
+    assert chunks_of(events) == final_of(events)
+    assert second.requests == []  # the answer was started: no second voice in the middle
+
+
+async def test_every_level_failed_gives_a_spoken_apology(serve: Any) -> None:
+    service = service_with([ScriptedEngine("a", FRENCH, fail_at=0), ScriptedEngine("b", [""])])
+    async with serve(service) as server:
+        french = await ask(server.port, "Quel temps fait-il ?")
+        english = await ask(server.port, "What's the weather?", language="en")
+    assert [e.type for e in french] == ["not-handled"]
+    assert french[0].data["text"].startswith("Désolé")
+    assert english[0].data["text"].startswith("Sorry")
+
+
+async def test_slow_levels_still_answer_within_the_timeout(serve: Any) -> None:
+    slow = ScriptedEngine("slow", ["Il ", "fait ", "beau."], delay_s=5.0)
+    service = service_with([slow], **{"handle.timeout_s": 1.0})
+    async with serve(service) as server:
+        events = await asyncio.wait_for(ask(server.port, "Quel temps fait-il ?"), 3.0)
+    assert [e.type for e in events] == ["not-handled"]
+
+
+async def test_memory_per_conversation_and_implicit_peer(serve: Any) -> None:
+    engine = ScriptedEngine("a", FRENCH)
+    service = service_with([engine])
+    async with serve(service) as server:
+        await ask(server.port, "Quel temps fait-il aujourd'hui ?", context={"conversation_id": "cuisine"})
+        await ask(server.port, "Et demain ?", context={"conversation_id": "cuisine"})
+        await ask(server.port, "Bonjour", context={"conversation_id": "salon"})
+        await ask(server.port, "Sans identifiant", context=None)
+        await ask(server.port, "Toujours sans", context=None)
+    kitchen = [m["content"] for m in engine.requests[1].messages]
+    assert kitchen[1:] == [
+        "Quel temps fait-il aujourd'hui ?",
+        "Il fait très beau aujourd'hui à Paris, profitez-en bien.",
+        "Et demain ?",
+    ]
+    assert len(engine.requests[2].messages) == 2  # salon: system + request only
+    implicit = [m["content"] for m in engine.requests[4].messages]
+    assert implicit[1] == "Sans identifiant" and "cuisine" not in str(implicit)
+    assert service.last_prompt(f"peer:{LOOPBACK}") == list(engine.requests[4].messages)
+
+
+async def test_limits_and_bad_values_get_error_events_and_the_server_keeps_serving(serve: Any) -> None:
+    service = service_with([ScriptedEngine("a", FRENCH)], **{"handle.max_chars": 50})
+    async with serve(service) as server, AsyncTcpClient(LOOPBACK, server.port) as client:
+        await client.write_event(Transcript(text="x" * 51, language="fr").event())
+        error = await asyncio.wait_for(client.read_event(), 10)
+        assert error is not None and error.type == "error" and error.data["code"] == "too-long"
+        await client.write_event(Event(type="transcript", data={"text": 42}))
+        error = await asyncio.wait_for(client.read_event(), 10)
+        assert error is not None and error.data["code"] == "bad-value"
+        await client.write_event(Transcript(text="Quel temps fait-il ?", language="fr").event())
+        seen = []
+        while not seen or seen[-1] != "handled-stop":
+            event = await asyncio.wait_for(client.read_event(), 10)
+            assert event is not None
+            seen.append(event.type)
+        assert "handled" in seen
+
+
+async def test_describe_is_answered_while_generating(serve: Any) -> None:
+    slow = ScriptedEngine("slow", ["Il ", "fait ", "très ", "beau ", "aujourd'hui."], delay_s=0.3)
+    service = service_with([slow], **{"handle.stream_holdback_chars": 0})
+    async with serve(service) as server, AsyncTcpClient(LOOPBACK, server.port) as client:
+        await client.write_event(Transcript(text="Quel temps fait-il ?", language="fr").event())
+        await client.write_event(Event(type="describe"))
+        events: list[Event] = []
+        while not events or events[-1].type != "handled-stop":
+            event = await asyncio.wait_for(client.read_event(), 10)
+            assert event is not None
+            events.append(event)
+    types = [e.type for e in events]
+    assert types.index("info") < types.index("handled")
+    info = events[types.index("info")]
+    assert info.data["handle"][0]["supports_handled_streaming"] is True
+    assert info.data["handle"][0]["models"][0]["name"] == "slow"
+
+
+async def test_disconnect_mid_stream_stops_the_engine(serve: Any) -> None:
+    slow = ScriptedEngine("slow", ["mot "] * 3 + [f"numéro{i} " for i in range(200)], delay_s=0.05)
+    service = service_with([slow], **{"handle.stream_holdback_chars": 0})
+    async with serve(service) as server:
+        async with AsyncTcpClient(LOOPBACK, server.port) as client:
+            await client.write_event(Transcript(text="Raconte une histoire.", language="fr").event())
+            while True:
+                event = await asyncio.wait_for(client.read_event(), 10)
+                assert event is not None
+                if event.type == "handled-chunk":
+                    break
+        for _ in range(200):
+            if slow.closed_early:
+                break
+            await asyncio.sleep(0.05)
+        assert slow.closed_early
+        assert slow.produced < 203
+        assert service._in_flight == 0
+
+
+async def test_queue_limit_answers_busy(serve: Any) -> None:
+    slow = ScriptedEngine("slow", ["Il ", "fait ", "beau."], delay_s=0.5)
+    service = service_with([slow], **{"handle.queue_size": 1})
+    async with serve(service) as server:
+        results = await asyncio.gather(*(ask(server.port, "Quel temps ?") for _ in range(3)))
+    kinds = sorted(r[-1].type for r in results)
+    assert "handled-stop" in kinds and "error" in kinds
+    assert all(r[-1].data.get("code") == "busy" for r in results if r[-1].type == "error")
