@@ -1,0 +1,324 @@
+"""TTS handler and chains over a real socket, with fake voices where the chain is under test.
+
+The fakes inject what real voices do rarely (silence, failures, another sample
+rate, a synthesis that takes as long as the test wants); the protocol, the
+splitter, the quality gate, resampling and the chain are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
+
+from tests.conftest import make_context, make_settings
+from wyoming_superwhisper.runtime.fallback import EngineError, FallbackChain
+from wyoming_superwhisper.runtime.server import ServiceServer
+from wyoming_superwhisper.tts.engines import (
+    Audio,
+    SynthesisOptions,
+    TtsEngine,
+    check_audio,
+    parse_wav,
+)
+from wyoming_superwhisper.tts.handler import SAMPLES_PER_CHUNK
+from wyoming_superwhisper.tts.service import TtsService
+
+CHARS_PER_SECOND = 14.0
+
+
+def speech_like(text: str, rate: int) -> bytes:
+    """A tone as long as a speaker would take to say ``text``."""
+    chars = sum(1 for ch in text if ch.isalnum())
+    n = int(rate * max(chars, 1) / CHARS_PER_SECOND)
+    t = np.arange(n) / rate
+    return (np.sin(2 * math.pi * 220 * t) * 8000).astype("<i2").tobytes()
+
+
+@dataclass
+class FakeVoice(TtsEngine):
+    name: str = "fake"
+    native_rate: int = 22050
+    mode: str = "ok"
+    """ok | silent | fail | block (waits for ``release``)."""
+    answers: int = 1_000_000
+    """Calls answered before it starts failing."""
+    device: str = "cpu"
+    quality: int = 1
+    calls: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+
+    async def load(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def synthesize(self, text: str, options: SynthesisOptions) -> Audio:
+        self.calls.append(text)
+        if self.mode == "fail" or len(self.calls) > self.answers:
+            raise EngineError(f"{self.name} fails on purpose")
+        if self.mode == "silent":
+            return Audio(bytes(len(speech_like(text, self.native_rate))), self.native_rate, self.name)
+        if self.mode == "block":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        return Audio(speech_like(text, self.native_rate), self.native_rate, self.name)
+
+
+def make_service(voices: dict[str, list[FakeVoice]], **overrides: Any) -> TtsService:
+    settings = make_settings(
+        **{"tts.voices": {"fr": [{"model": "espeak-fr"}], "en": [{"model": "espeak-en"}]}, **overrides}
+    )
+    service = TtsService(make_context(settings))
+    for language, engines in voices.items():
+        service.routes[language] = FallbackChain(
+            f"tts.{language}", engines, timeout_s=10, observer=service.context.metrics
+        )
+    return service
+
+
+@contextlib.asynccontextmanager
+async def client_of(server: ServiceServer) -> AsyncIterator[AsyncTcpClient]:
+    assert server.port is not None
+    async with AsyncTcpClient("127.0.0.1", server.port) as client:
+        yield client
+
+
+async def read_answer(client: AsyncTcpClient, last: str = "audio-stop") -> list[Event]:
+    """Events up to and including ``last`` (or an error); fails instead of hanging."""
+    events: list[Event] = []
+    while True:
+        event = await asyncio.wait_for(client.read_event(), 30)
+        assert event is not None, f"connection closed after {[e.type for e in events]}"
+        events.append(event)
+        if event.type in (last, "error"):
+            return events
+
+
+def audio_of(events: list[Event]) -> tuple[int, bytes]:
+    starts = [e for e in events if e.type == "audio-start"]
+    assert len(starts) == 1, [e.type for e in events]
+    rate = starts[0].data["rate"]
+    assert starts[0].data["width"] == 2 and starts[0].data["channels"] == 1
+    chunks = [e for e in events if e.type == "audio-chunk"]
+    for chunk in chunks:
+        assert (chunk.data["rate"], chunk.data["width"], chunk.data["channels"]) == (rate, 2, 1)
+        assert chunk.payload is not None and len(chunk.payload) <= SAMPLES_PER_CHUNK * 2
+    assert [e.type for e in events].count("audio-stop") == 1
+    return rate, b"".join(c.payload or b"" for c in chunks)
+
+
+Serve = Callable[..., Any]
+
+TWO_SENTENCES = "Bonjour tout le monde. Il fait beau aujourd'hui."
+
+
+async def test_one_audio_format_per_answer_when_voices_differ_in_rate(serve: Serve) -> None:
+    first = FakeVoice("fast16k", native_rate=16000, answers=1)
+    second = FakeVoice("slow22k", native_rate=22050)
+    service = make_service({"fr": [first, second]})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text=TWO_SENTENCES).event())
+        rate, pcm = audio_of(await read_answer(client))
+    assert rate == 16000
+    assert len(first.calls) == 2 and second.calls == ["Il fait beau aujourd'hui."]
+    sentences = ("Bonjour tout le monde.", "Il fait beau aujourd'hui.")
+    expected = sum(len(speech_like(s, 16000)) for s in sentences)
+    assert abs(len(pcm) - expected) / expected < 0.01  # resampled, not truncated or stretched
+
+
+async def test_output_rate_setting_resamples_every_answer(serve: Serve) -> None:
+    service = make_service({"fr": [FakeVoice(native_rate=22050)]}, **{"tts.output_rate": 16000})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Bonjour.").event())
+        rate, pcm = audio_of(await read_answer(client))
+    assert rate == 16000
+    assert abs(len(pcm) / 2 / 16000 - len(speech_like("Bonjour", 22050)) / 2 / 22050) < 0.01
+
+
+async def test_silent_voice_is_rejected_and_next_voice_answers(serve: Serve) -> None:
+    silent, good = FakeVoice("silent", mode="silent"), FakeVoice("good")
+    service = make_service({"fr": [silent, good]})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Bonjour.").event())
+        _, pcm = audio_of(await read_answer(client))
+    assert silent.calls == ["Bonjour."] and good.calls == ["Bonjour."]
+    assert np.abs(np.frombuffer(pcm, "<i2")).max() > 1000
+    status = service.status()["chains"]["tts.fr"]
+    assert status[0]["last_error"].startswith("rejected: silent")
+    assert service.context.metrics.requests.labels("tts", "fallback")._value.get() == 1
+
+
+async def test_every_voice_failing_gives_an_error_and_the_connection_lives_on(serve: Serve) -> None:
+    service = make_service({"fr": [FakeVoice("a", mode="fail"), FakeVoice("b", mode="fail")]})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Bonjour.").event())
+        events = await read_answer(client)
+        assert events[-1].type == "error"
+        assert events[-1].data["code"] == "synthesis-failed"
+        assert "a: failed" in events[-1].data["text"] and "b: failed" in events[-1].data["text"]
+        await client.write_event(Event("describe"))
+        info = await read_answer(client, last="info")
+        assert info[-1].type == "info"
+
+
+async def test_describe_is_answered_while_a_synthesis_is_running(serve: Serve) -> None:
+    slow = FakeVoice("slow", mode="block")
+    service = make_service({"fr": [slow]})
+    async with serve(service) as server, client_of(server) as busy, client_of(server) as other:
+        await busy.write_event(Synthesize(text="Bonjour.").event())
+        await slow.started.wait()
+        await other.write_event(Event("describe"))
+        assert (await read_answer(other, last="info"))[-1].type == "info"
+        await busy.write_event(Event("describe"))  # same connection, synthesis still running
+        assert (await read_answer(busy, last="info"))[-1].type == "info"
+        slow.release.set()
+        audio_of(await read_answer(busy))
+
+
+async def test_streaming_protocol_order_and_first_audio_before_last_chunk(serve: Serve) -> None:
+    voice = FakeVoice("voice")
+    service = make_service({"fr": [voice]})
+    text = "Bonjour M. Dupont. Il fait beau. Bonne journée !"
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(SynthesizeStart().event())
+        for word in ["Bonjour ", "M. ", "Dupont. ", "Il "]:
+            await client.write_event(SynthesizeChunk(text=word).event())
+        first = await asyncio.wait_for(client.read_event(), 30)  # before the rest is sent
+        assert first is not None and first.type == "audio-start"
+        for word in ["fait ", "beau. ", "Bonne ", "journée !"]:
+            await client.write_event(SynthesizeChunk(text=word).event())
+        await client.write_event(Synthesize(text=text).event())  # compatibility copy: ignored
+        await client.write_event(SynthesizeStop().event())
+        events = [first, *await read_answer(client, last="synthesize-stopped")]
+    types = [e.type for e in events]
+    assert types[-2:] == ["audio-stop", "synthesize-stopped"]
+    audio_of(events)
+    assert voice.calls == ["Bonjour monsieur Dupont.", "Il fait beau.", "Bonne journée !"]
+
+
+async def test_streamed_text_over_the_limit_is_refused(serve: Serve) -> None:
+    service = make_service({"fr": [FakeVoice()]}, **{"tts.max_chars": 50})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(text="Bonjour à tous. " * 5).event())
+        error = await read_answer(client, last="error")
+        assert error[-1].data["code"] == "text-too-long"
+        await client.write_event(SynthesizeChunk(text="Encore. ").event())
+        await client.write_event(SynthesizeStop().event())
+        assert (await read_answer(client, last="synthesize-stopped"))[-1].type == "synthesize-stopped"
+
+
+async def test_text_over_the_limit_is_refused_and_serving_goes_on(serve: Serve) -> None:
+    voice = FakeVoice()
+    service = make_service({"fr": [voice]}, **{"tts.max_chars": 20})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="x" * 21).event())
+        events = await read_answer(client)
+        assert events[-1].data["code"] == "text-too-long"
+        await client.write_event(Synthesize(text="Bonjour.").event())
+        audio_of(await read_answer(client))
+    assert voice.calls == ["Bonjour."]
+
+
+async def test_voice_and_language_routing(serve: Serve) -> None:
+    fr1, fr2, en = FakeVoice("fr1"), FakeVoice("fr2"), FakeVoice("en1")
+    service = make_service({"fr": [fr1, fr2], "en": [en]})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Bonjour.").event())  # no language: tts.language
+        audio_of(await read_answer(client))
+        await client.write_event(Synthesize(text="Hello.", voice=SynthesizeVoice(language="en-US")).event())
+        audio_of(await read_answer(client))
+        await client.write_event(Synthesize(text="Salut.", voice=SynthesizeVoice(name="nope")).event())
+        unknown = await read_answer(client)
+        await client.write_event(Synthesize(text="Hallo.", voice=SynthesizeVoice(language="de")).event())
+        german = await read_answer(client)
+        await client.write_event(Event("synthesize", {"text": "Salut.", "voice": "fr1"}))
+        bad = await read_answer(client)
+    assert fr1.calls == ["Bonjour."] and fr2.calls == [] and en.calls == ["Hello."]
+    assert unknown[-1].data["code"] == "unknown-voice" and "espeak-fr" in unknown[-1].data["text"]
+    assert german[-1].data["code"] == "unsupported-language"
+    assert bad[-1].data["code"] == "bad-value"
+
+
+async def test_named_voice_is_tried_first(serve: Serve) -> None:
+    service = make_service({})
+    first, second = FakeVoice("espeak-en"), FakeVoice("other")
+    service.routes["en"] = FallbackChain("tts.en", [second, first])
+    service.voices["espeak-en"].level = 1
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Hello.", voice=SynthesizeVoice(name="espeak-en")).event())
+        audio_of(await read_answer(client))
+    assert first.calls == ["Hello."] and second.calls == []
+
+
+async def test_empty_text_gives_an_empty_answer(serve: Serve) -> None:
+    voice = FakeVoice(native_rate=16000)
+    service = make_service({"fr": [voice]})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text=" 😀 ").event())
+        rate, pcm = audio_of(await read_answer(client))
+    assert (rate, pcm, voice.calls) == (16000, b"", [])
+
+
+async def test_client_gone_mid_synthesis_cancels_and_server_keeps_serving(serve: Serve) -> None:
+    slow = FakeVoice("slow", mode="block")
+    service = make_service({"fr": [slow]})
+    async with serve(service) as server:
+        async with client_of(server) as leaving:
+            await leaving.write_event(Synthesize(text="Bonjour.").event())
+            await slow.started.wait()
+        for _ in range(100):
+            if slow.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert slow.cancelled
+        slow.mode = "ok"
+        async with client_of(server) as staying:
+            await staying.write_event(Synthesize(text="Bonjour.").event())
+            audio_of(await read_answer(staying))
+
+
+def test_quality_gate_table() -> None:
+    text = "Bonjour tout le monde"
+    good = Audio(speech_like(text, 22050), 22050)
+    assert check_audio(good, text) is None
+    assert check_audio(Audio(b"", 22050), text) == "no audio"
+    assert (check_audio(Audio(bytes(44100), 22050), text) or "").startswith("silent")
+    assert "too short" in (check_audio(Audio(speech_like("a", 22050)[:200], 22050), text) or "")
+    assert "too long" in (check_audio(Audio(speech_like(text * 10, 22050), 22050), text) or "")
+    assert check_audio(Audio(speech_like(text * 2, 22050), 22050), text, length_scale=2.0) is None
+
+
+def test_parse_wav_tolerates_piped_sizes() -> None:
+    pcm = speech_like("Bonjour", 22050)
+    header = b"RIFF" + struct.pack("<I", 0x7FFFFFFF) + b"WAVE"
+    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 22050, 44100, 2, 16)
+    header += b"data" + struct.pack("<I", 0x7FFFFFFF)
+    assert parse_wav(header + pcm) == (22050, pcm)
+    with pytest.raises(EngineError):
+        parse_wav(b"not a wav at all")
+
+
+def test_resampling_keeps_the_duration() -> None:
+    audio = Audio(speech_like("Bonjour tout le monde", 22050), 22050)
+    out = audio.resampled(16000)
+    assert out.rate == 16000 and abs(out.seconds - audio.seconds) < 0.002
+    assert audio.resampled(22050) is audio
