@@ -102,6 +102,9 @@ class ServerSettings:
     """A connection that sends nothing for this long is closed, in seconds."""
     max_connections: int = 64
     """Connections served at once per server; more are answered ``error`` and closed."""
+    max_events_per_second: float = 1000.0
+    """Events read per connection per second before reading slows down (TCP backpressure,
+    nothing dropped); 0: no limit. Real-time audio is 50-100 events/s."""
     shutdown_timeout_s: float = 10.0
     """On stop, how long running requests may take to finish, in seconds."""
 

@@ -307,3 +307,16 @@ def test_redact_hides_secrets_only() -> None:
         "handle": {"api_key": "***", "chain": [{"options": {"api_key": "***", "n_ctx": 2048}}]},
         "token": "",
     }
+
+
+@pytest.mark.parametrize("server", [{"server.max_events_per_second": 50}], indirect=True)
+async def test_event_flood_is_slowed_not_dropped(server: ServiceServer) -> None:
+    async with AsyncTcpClient("127.0.0.1", server.port) as client:
+        for i in range(120):
+            await client.write_event(Event("ping", {"i": i}))
+        answers = [await asyncio.wait_for(client.read_event(), 10) for _ in range(120)]
+    assert [a.data["i"] for a in answers if a is not None] == list(range(120))
+    throttled = server.metrics.registry.get_sample_value(
+        "superwhisper_events_throttled_total", {"service": "echo"}
+    )
+    assert throttled is not None and throttled > 0

@@ -132,6 +132,12 @@ class Metrics:
             buckets=(-1e9, -1e8, -1e7, 0, 1e7, 1e8, 1e9, 4e9),
             registry=r,
         )
+        self.throttled = Counter(
+            "superwhisper_events_throttled_total",
+            "Times a connection's reading was slowed by server.max_events_per_second",
+            ["service"],
+            registry=r,
+        )
         self.ready = Gauge(
             "superwhisper_ready", "1 when the service has a healthy chain level", ["service"], registry=r
         )

@@ -175,6 +175,7 @@ class ServiceServer:
         settings = service.context.settings.server
         self.limits = ReadLimits.from_settings(settings)
         self.max_connections = settings.max_connections
+        self.max_events_per_second = settings.max_events_per_second
         self.metrics = service.context.metrics
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,8 +229,11 @@ class ServiceServer:
             await connection.error(f"server busy: {self.max_connections} connections open", "busy")
             return
         handler = self.service.create_handler(connection)
+        bucket = _TokenBucket(self.max_events_per_second)
         try:
             while not connection.closed:
+                if bucket.rate and await bucket.take():
+                    self.metrics.throttled.labels(name).inc()
                 try:
                     event = await read_event(reader, self.limits)
                 except ProtocolViolation as violation:
@@ -273,6 +277,29 @@ class ServiceServer:
 
 class StartupError(Exception):
     """A service could not answer its smoke request at start-up: refuse to serve."""
+
+
+class _TokenBucket:
+    """Events per second per connection; an empty bucket waits (backpressure), never drops."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    async def take(self) -> bool:
+        """Take one token; returns True when the caller had to wait for it."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return False
+        await asyncio.sleep((1 - self.tokens) / self.rate)
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+        return True
 
 
 class Runtime:
