@@ -31,6 +31,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 import wave
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,12 +40,10 @@ from typing import Any
 
 import numpy as np
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
-from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
     SynthesizeChunk,
@@ -53,6 +52,13 @@ from wyoming.tts import (
     SynthesizeStopped,
     SynthesizeVoice,
 )
+
+with warnings.catch_warnings():
+    # wyoming.audio imports the deprecated ``audioop`` (Python 3.11): the library's
+    # warning, not ours; keep it out of logs and tests.
+    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.info import Describe, Info
 
 _LOGGER = logging.getLogger(__name__)
 
