@@ -56,7 +56,7 @@ class FakeServer:
     script: Script
     received: list[Event] = field(default_factory=list)
     connections: int = 0
-    server: asyncio.AbstractServer | None = None
+    server: asyncio.Server | None = None
 
     @property
     def uri(self) -> str:
