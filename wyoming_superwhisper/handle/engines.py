@@ -341,7 +341,10 @@ class OpenAIEngine(ChatEngine):
                 if resp.status != 200:
                     raise EngineError(f"{self.name}: /models answered HTTP {resp.status}")
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        except (aiohttp.ClientError, TimeoutError, ValueError, EngineError) as error:
+            await self.close()  # a failed load is not "loaded": nobody else would close it
+            if isinstance(error, EngineError):
+                raise
             raise EngineError(f"{self.name}: unreachable ({error or type(error).__name__})") from error
         if not self.model:
             data = body.get("data") if isinstance(body, dict) else None

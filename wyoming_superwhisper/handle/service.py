@@ -13,8 +13,8 @@ released, that level owns the answer: a loop found later stops the
 generation and the held-back repetition is dropped, a timeout or an engine
 failure ends the answer where it is (cut back to the last sentence end, or
 closed with "…"). So the chunks a client receives always concatenate to the
-final text. The language check is skipped on the last level: an answer in
-the wrong language beats an apology.
+final text. On the last level a loop is trimmed rather than rejected and the
+language is not checked: a short or foreign answer beats an apology.
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ class HandleService(WyomingService):
                         clean = clean_for_speech(state.raw)
                         loop_at = loop_start(clean)
                         if loop_at is not None:
-                            if not state.committed:
+                            if not state.committed and not is_last:
                                 raise QualityRejected("looping answer")
                             final = clean[: max(loop_at, len(state.sent))]
                             repaired = "loop"
