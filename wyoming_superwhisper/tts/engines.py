@@ -249,7 +249,7 @@ class PiperEngine(TtsEngine):
 
 # --- espeak-ng --------------------------------------------------------------------
 
-ESPEAK_WPM = 175
+ESPEAK_WPM = 150
 """espeak-ng's default speed, words per minute; divided by the length scale."""
 
 
