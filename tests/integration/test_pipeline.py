@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +36,8 @@ from wyoming.error import Error
 from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop
 
+from tests.conftest import make_context, make_settings, requires_espeak, serving
+from wyoming_superwhisper.cli import SERVICES
 from wyoming_superwhisper.pipeline import (
     PipelineError,
     PipelineTimings,
@@ -38,6 +47,7 @@ from wyoming_superwhisper.pipeline import (
     to_pcm16_mono,
     write_wav,
 )
+from wyoming_superwhisper.runtime.server import ServiceContext, WyomingService
 
 with warnings.catch_warnings():  # wyoming.audio imports the deprecated audioop (the library's warning)
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
@@ -399,3 +409,124 @@ def test_cli_failure_exit_codes(stereo_wav: Path, tmp_path: Path) -> None:
     dead = "tcp://127.0.0.1:9"
     assert main(["--wav", str(stereo_wav), "--out", out, "--asr", dead, "--tts", dead]) == 1
     assert main(["--wav", str(tmp_path / "missing.wav"), "--out", out, "--tts", dead]) in (1, 2)
+
+
+# --- the project's own servers, real models, French speech by espeak-ng ------------------------------
+
+FR_QUESTION = "Quelle est la capitale de la France ?"
+
+
+def _service(name: str, context: ServiceContext) -> WyomingService:
+    module_name, _, class_name = SERVICES[name].partition(":")
+    factory = getattr(importlib.import_module(module_name), class_name)
+    service: WyomingService = factory(context)
+    return service
+
+
+def assert_spoken(path: Path) -> float:
+    """The answer WAV holds real, audible speech; returns its length in seconds."""
+    with wave.open(str(path)) as wav:
+        assert wav.getsampwidth() == 2 and wav.getnchannels() == 1
+        rate = wav.getframerate()
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    seconds = len(samples) / rate
+    assert seconds > 0.5, seconds
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 200  # not silence
+    return seconds
+
+
+@requires_espeak
+@pytest.mark.slow
+async def test_pipeline_against_our_three_servers(tmp_path: Path, speech: Callable[..., np.ndarray]) -> None:
+    wav = tmp_path / "question.wav"
+    write_wav(wav, speech(FR_QUESTION, "fr", 22050).tobytes(), 22050)  # the client resamples to 16 kHz
+    context = make_context(make_settings())
+    async with (
+        serving(_service("asr", context)) as asr,
+        serving(_service("handle", context)) as handle,
+        serving(_service("tts", context)) as tts,
+    ):
+        asr_uri, handle_uri, tts_uri = (f"tcp://127.0.0.1:{s.port}" for s in (asr, handle, tts))
+
+        async def run(out: str, realtime: bool, streaming: bool | None = None) -> PipelineTimings:
+            return await run_pipeline(
+                wav, tmp_path / out, asr_uri, handle_uri, tts_uri, realtime, tts_streaming=streaming
+            )
+
+        realtime = await run("realtime.wav", True)
+        fast = await run("fast.wav", False)
+        single = await run("single.wav", False, streaming=False)
+
+    for timings, out in ((realtime, "realtime.wav"), (fast, "fast.wav"), (single, "single.wav")):
+        assert "capitale" in timings.transcript_text.lower(), timings.transcript_text
+        assert timings.answer_text, timings
+        assert timings.asr_streamed  # our ASR streams transcript-chunk events
+        assert_ordered(timings)
+        seconds = assert_spoken(tmp_path / out)
+        assert timings.output_seconds == pytest.approx(seconds)
+    assert realtime.tts_streaming and fast.tts_streaming  # our TTS says supports_synthesize_streaming
+    assert not single.tts_streaming
+    assert realtime.speech_end is not None and realtime.speech_end >= realtime.audio_seconds * 0.9
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"superwhisper serve exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} not ready within {timeout_s} s")
+
+
+@requires_espeak
+@pytest.mark.slow
+def test_superwhisper_serve_then_the_pipeline_command(
+    tmp_path: Path, speech: Callable[..., np.ndarray]
+) -> None:
+    """The user's story: `superwhisper serve`, wait for /readyz, run the pipeline CLI, stop with SIGTERM."""
+    wav = tmp_path / "question.wav"
+    write_wav(wav, speech(FR_QUESTION, "fr", 16000).tobytes(), 16000)
+    ports = {name: _free_port() for name in ("asr", "handle", "tts", "ops")}
+    bin_dir = Path(sys.executable).parent
+    serve = [str(bin_dir / "superwhisper"), "serve", "--no-zeroconf", "--metrics-port", str(ports["ops"])]
+    serve += ["--set", "models.environment=test", "--set", "metrics.host=127.0.0.1"]
+    for name in ("asr", "handle", "tts"):
+        serve += ["--set", f"{name}.uri=tcp://127.0.0.1:{ports[name]}"]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        _wait_ready(process, f"http://127.0.0.1:{ports['ops']}/readyz")
+        client = [sys.executable, "-m", "wyoming_superwhisper.pipeline", "--wav", str(wav), "--json"]
+        client += ["--out", str(tmp_path / "answer.wav"), "--fast"]
+        for name in ("asr", "handle", "tts"):
+            client += [f"--{name}", f"tcp://127.0.0.1:{ports[name]}"]
+        result = subprocess.run(client, capture_output=True, text=True, timeout=180, check=False)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert "capitale" in report["transcript_text"].lower()
+        assert report["answer_text"]
+        assert all(value is not None and value >= 0 for value in report["stages"].values())
+        assert_spoken(tmp_path / "answer.wav")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise
+        finally:
+            log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
