@@ -459,11 +459,8 @@ async def run_pipeline(
 # --- command line -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="superwhisper pipeline",
-        description="Run a WAV through ASR → handle → TTS like Home Assistant's Assist pipeline.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pipeline's options, for this module's parser or a ``superwhisper pipeline`` subparser."""
     parser.add_argument("--wav", required=True, help="the spoken command (any rate/width/channels)")
     parser.add_argument("--out", required=True, help="where to write the spoken answer (WAV)")
     parser.add_argument("--asr", default=DEFAULT_ASR_URI, help=f"ASR server (default {DEFAULT_ASR_URI})")
@@ -480,14 +477,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tts-streaming", action="store_true", help="one synthesize event even if streaming is offered"
     )
     parser.add_argument("--json", action="store_true", help="print the timings as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="superwhisper pipeline",
+        description="Run a WAV through ASR → handle → TTS like Home Assistant's Assist pipeline.",
+    )
+    add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``superwhisper pipeline``: 0 on success, 1 when a stage failed, 2 on bad arguments."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run with parsed options; prints the timings. 0 ok, 1 a stage failed, 2 bad input."""
     try:
         timings = asyncio.run(
             run_pipeline(
@@ -512,6 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     sys.stdout.write((json.dumps(timings.to_dict(), indent=2) if args.json else timings.table()) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``superwhisper pipeline``: 0 on success, 1 when a stage failed, 2 on bad arguments."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

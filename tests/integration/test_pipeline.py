@@ -12,6 +12,7 @@ Two heights:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib
@@ -41,6 +42,7 @@ from wyoming_superwhisper.cli import SERVICES
 from wyoming_superwhisper.pipeline import (
     PipelineError,
     PipelineTimings,
+    add_arguments,
     main,
     read_wav_16k,
     run_pipeline,
@@ -402,6 +404,20 @@ def test_cli_prints_json_timings(
     assert report["transcript_text"] == FR_TRANSCRIPT
     assert set(report["stages"]) >= {"speech_end_to_transcript", "speech_end_to_first_audio"}
     assert (tmp_path / "o.wav").exists()
+
+
+def test_options_mount_on_a_superwhisper_subparser() -> None:
+    """How cli.py wires ``superwhisper pipeline``: add_arguments on a subparser, then run_from_args."""
+    parser = argparse.ArgumentParser(prog="superwhisper")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("pipeline"))
+    args = parser.parse_args(["pipeline", "--wav", "in.wav", "--out", "out.wav", "--fast"])
+    assert (args.command, args.wav, args.out, args.fast) == ("pipeline", "in.wav", "out.wav", True)
+    assert (args.asr, args.handle, args.tts) == (
+        "tcp://127.0.0.1:10300",
+        "tcp://127.0.0.1:10400",
+        "tcp://127.0.0.1:10200",
+    )
 
 
 def test_cli_failure_exit_codes(stereo_wav: Path, tmp_path: Path) -> None:
