@@ -362,15 +362,6 @@ def test_discovery_finds_the_namespace_addresses_by_itself(
     assert set(registered["host_addresses"]) == {SERVER_V4, SERVER_V6}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "runtime/discovery.py Discovery.close() awaits async_unregister_service() but not the "
-        "broadcast task it returns, then closes the sockets: no goodbye packets leave, so Home "
-        "Assistant keeps the stale records (fix: `task = await zc.async_unregister_service(info); "
-        "await task`). strict: this marker must go when the fix lands."
-    ),
-)
 def test_records_are_withdrawn_after_close(
     discovered: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
 ) -> None:

@@ -72,7 +72,9 @@ class Discovery:
                 properties={"service": service},
                 server=f"{name}.local.",
             )
-            await self._zeroconf.async_register_service(info)
+            # The call returns the announcement task; awaiting it means the records are out.
+            announced = await self._zeroconf.async_register_service(info)
+            await announced
             self.infos.append(info)
             _LOGGER.info("zeroconf: advertised %s on %s port %d", name, ", ".join(addresses), port)
 
@@ -80,7 +82,10 @@ class Discovery:
         if self._zeroconf is None:
             return
         for info in self.infos:
-            await self._zeroconf.async_unregister_service(info)
+            # Await the goodbye broadcast before the sockets close, or Home Assistant keeps
+            # stale records pointing at a server that is gone.
+            goodbye = await self._zeroconf.async_unregister_service(info)
+            await goodbye
         await self._zeroconf.async_close()
         self._zeroconf = None
         self.infos = []
