@@ -477,3 +477,15 @@ def test_default_ops_port_is_the_one_scraped() -> None:
     from wyoming_superwhisper.config import MetricsSettings
 
     assert MetricsSettings().port == 9300
+
+
+def test_scrape_ports_match_the_systemd_units_and_the_addon() -> None:
+    """The ports scraped are the ones the shipped units and the add-on really open."""
+    units = {
+        name: (ROOT / "systemd" / f"superwhisper-{name}.service").read_text(encoding="utf-8")
+        for name in ("asr", "handle", "tts")
+    }
+    for name, port in (("asr", 9301), ("handle", 9302), ("tts", 9303)):
+        assert re.search(rf"^ExecStart=.*superwhisper {name}\b.*--metrics-port {port}\b", units[name], re.M)
+    addon = load_yaml(ROOT / "addon" / "config.yaml")
+    assert "9300/tcp" in addon["ports"]
