@@ -1,4 +1,4 @@
-"""The one entry point: ``superwhisper {serve,asr,handle,tts,doctor,models}``.
+"""The one entry point: ``superwhisper {serve,asr,handle,tts,doctor,models,pipeline}``.
 
 Order matters: settings first, then the GPU guard, and only then the service
 modules (which import torch, CTranslate2, llama.cpp, ONNX Runtime). Errors a
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--only", default="asr,handle,tts", help="services to check")
     doctor.add_argument("--no-smoke", action="store_true", help="static checks only (no model loads)")
 
+    pipeline = sub.add_parser(
+        "pipeline", help="run a WAV through ASR → handle → TTS like Home Assistant's Assist pipeline"
+    )
+    from .pipeline import add_arguments as add_pipeline_arguments
+
+    add_pipeline_arguments(pipeline)
+    pipeline.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     models = sub.add_parser("models", parents=[common], help="list, fetch and verify models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", parents=[common], help="catalog and discovered models")
@@ -93,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "pipeline":  # a client: no settings, no GPU, only the servers' URIs
+        from .pipeline import run_from_args
+
+        logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+        return run_from_args(args)
     try:
         settings = _settings_from_args(args)
     except ConfigError as error:
