@@ -114,6 +114,7 @@ def prometheus_with(history: Mapping[str, tuple[np.ndarray, np.ndarray]], workdi
     config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    log = (workdir / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [
             PROMETHEUS,
@@ -123,7 +124,7 @@ def prometheus_with(history: Mapping[str, tuple[np.ndarray, np.ndarray]], workdi
             f"--web.listen-address=127.0.0.1:{port}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=(workdir / "prometheus.log").open("wb"),
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 60
@@ -145,6 +146,7 @@ def prometheus_with(history: Mapping[str, tuple[np.ndarray, np.ndarray]], workdi
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
 
 
 # --- the replica formula ----------------------------------------------------------------

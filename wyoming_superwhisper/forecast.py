@@ -165,7 +165,7 @@ class SeasonalForecaster:
         per_day = max(1, DAY_S // step)
         seconds = np.asarray(local.hour * 3600 + local.minute * 60 + local.second, dtype=np.int64)
         slots = np.minimum(per_day - 1, seconds // step)
-        weekend = np.asarray(local.dayofweek >= 5, dtype=np.int64)
+        weekend = np.asarray(local.day_of_week >= 5, dtype=np.int64)
         if self.holidays:
             days = np.array([d.isoformat() for d in self.holidays], dtype="datetime64[D]")
             local_days = np.asarray(local.tz_localize(None).normalize(), dtype="datetime64[D]")
