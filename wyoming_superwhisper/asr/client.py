@@ -28,6 +28,8 @@ class Exchange:
     events: list[Event] = field(default_factory=list)
     transcript_at: float | None = None
     """``time.monotonic()`` when the ``transcript`` arrived."""
+    started_at: float = 0.0
+    """``time.monotonic()`` when the first audio chunk was sent (pacing starts there)."""
 
     @property
     def types(self) -> list[str]:
@@ -97,7 +99,7 @@ async def transcribe(
             await client.write_event(Transcribe(language=language, transcript_names=names).event())
         await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
         step = int(rate * chunk_ms / 1000) * width * channels
-        started = time.monotonic()
+        started = exchange.started_at = time.monotonic()
         for index, offset in enumerate(range(0, len(audio), step)):
             if reader.done():
                 break

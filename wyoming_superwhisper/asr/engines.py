@@ -257,7 +257,13 @@ class WhisperEngine:
             if cancel is not None and cancel.is_set():
                 raise DecodeCancelled("dropped before it started")
             kwargs: dict[str, Any] = {
-                "temperature": self.options.get("temperature", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+                # One greedy-free beam pass. faster-whisper's default re-decodes up to five
+                # more times at rising temperatures when the log-probability is low: on a
+                # short command that multiplies the latency and samples nothing better.
+                # Garbage goes to the quality gate (next level), loops to
+                # collapse_repetitions. A level may restore the ladder with
+                # ``options: {temperature: [0.0, 0.2, 0.4]}``.
+                "temperature": self.options.get("temperature", 0.0),
                 "no_speech_threshold": NO_SPEECH_PROB,
                 "log_prob_threshold": LOGPROB_IF_NO_SPEECH,
             }
