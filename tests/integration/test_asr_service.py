@@ -27,6 +27,8 @@ import jiwer
 import numpy as np
 import pytest
 import pytest_asyncio
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe, Info
 
@@ -477,3 +479,63 @@ async def test_smoke_returns_text(shared: Callable[[], list[AsrEngine]]) -> None
     async with running(shared()) as (service, _):
         text = await service.smoke()
     assert text.strip()
+
+
+class GarbageEngine:
+    """Answers with a repetition loop, as a broken or overloaded level would."""
+
+    name = "garbage"
+    device = "cpu"
+    quality = 9
+    model_name = "garbage"
+    languages: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def load(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
+        self.calls += 1
+        return AsrResult(
+            "la la la la la la", request.language, self.name, avg_logprob=-0.2, compression_ratio=3.1
+        )
+
+
+async def test_quality_gate_sends_garbage_to_the_next_level(
+    shared: Callable[[], list[AsrEngine]], speech: Callable[..., np.ndarray]
+) -> None:
+    garbage = GarbageEngine()
+    async with running([garbage, *shared()], speculative_pause_s=0.0) as (service, server):
+        exchange = await transcribe(server.port or 0, pcm_bytes(padded(speech(FRENCH[4]))))
+        status = service.chain.status()
+    assert garbage.calls == 1
+    assert "capitale" in normalize(exchange.text or "")
+    assert status[0]["last_error"].startswith("rejected") and status[1]["served"] == 1
+
+
+async def test_transcribe_name_picks_the_level(
+    shared: Callable[[], list[AsrEngine]], speech: Callable[..., np.ndarray]
+) -> None:
+    garbage = GarbageEngine()
+    async with running([garbage, *shared()], speculative_pause_s=0.0) as (service, server):
+        assert service.model_levels("whisper-base") == [1]
+        assert service.model_levels("unknown") is None
+        audio = pcm_bytes(padded(speech(FRENCH[4])))
+        async with AsyncTcpClient("127.0.0.1", server.port or 0) as client:
+            await client.write_event(Transcribe(language="fr", name="whisper-base").event())
+            await client.write_event(AudioStart(rate=RATE, width=2, channels=1).event())
+            await client.write_event(AudioChunk(rate=RATE, width=2, channels=1, audio=audio).event())
+            await client.write_event(AudioStop().event())
+            text = None
+            while text is None:
+                event = await asyncio.wait_for(client.read_event(), 60)
+                assert event is not None
+                if Transcript.is_type(event.type):
+                    text = Transcript.from_event(event).text
+    assert garbage.calls == 0  # the named model answered first
+    assert "capitale" in normalize(text)
