@@ -19,8 +19,8 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # --- Debian packages ---------------------------------------------------------------
 packages=(espeak-ng cmake g++ make)
-# Test tools: a real Prometheus (and promtool) for the observability tests.
-[ "$with_test" = 1 ] && packages+=(prometheus)
+# Test tools: a real Prometheus (and promtool), Redis, kubectl (kustomize) for the scale-out tests.
+[ "$with_test" = 1 ] && packages+=(prometheus redis-server kubectl)
 need=()
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(pipeline)
     pipeline.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    forecast = sub.add_parser(
+        "forecast", add_help=False, help="predict each service's request rate from Prometheus history"
+    )
+    forecast.add_argument("forecast_args", nargs=argparse.REMAINDER)
+
     models = sub.add_parser("models", parents=[common], help="list, fetch and verify models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", parents=[common], help="catalog and discovered models")
@@ -100,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["forecast"]:  # its own options (Prometheus URL, services, port)
+        from .forecast import main as forecast_main
+
+        return forecast_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     if args.command == "pipeline":  # a client: no settings, no GPU, only the servers' URIs
         from .pipeline import run_from_args
 

@@ -168,6 +168,9 @@ class HandleSettings:
     """Exchanges kept per conversation."""
     memory_ttl_s: float = 900.0
     """A conversation idle for this long is forgotten, in seconds."""
+    memory: str = "local"
+    """Where conversations live: ``local`` (this process) or a ``redis://`` URL shared by
+    replicas (Kubernetes spreads Home Assistant's connections over pods)."""
     implicit_memory_ttl_s: float = 120.0
     """Lifetime of the implicit per-client-host conversation used when the request
     carries no conversation id (Home Assistant 2025.4), in seconds; 0: no memory then."""

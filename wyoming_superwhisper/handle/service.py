@@ -42,8 +42,9 @@ from ..runtime.fallback import (
     QualityRejected,
 )
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
-from .conversation import ConversationMemory, build_messages
+from .conversation import build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
+from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
     ends_sentence,
@@ -143,9 +144,15 @@ class HandleService(WyomingService):
             cooldown_s=self.settings.cooldown_s,
             observer=context.metrics,
         )
-        self.memory = ConversationMemory(
-            self.settings.memory_turns, self.settings.memory_ttl_s, self.settings.implicit_memory_ttl_s
-        )
+        try:
+            self.memory = open_conversation_store(
+                self.settings.memory,
+                self.settings.memory_turns,
+                self.settings.memory_ttl_s,
+                self.settings.implicit_memory_ttl_s,
+            )
+        except ValueError as error:
+            raise ConfigError("handle.memory", "configuration", str(error)) from error
         self._clock = clock
         self._prompts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._in_flight = 0
