@@ -1,0 +1,1 @@
+"""End-to-end tests: real clients (a real Home Assistant Core) against ``superwhisper serve``."""

@@ -1,0 +1,527 @@
+"""Drive a real Home Assistant Core and our servers from the outside, as a user would.
+
+Both run as real subprocesses on 127.0.0.1, each in its own process group so that
+stopping one also ends what it started (Home Assistant runs ffmpeg for TTS, our TTS
+runs espeak-ng): nothing may outlive a test, even a failed one. Home Assistant is
+talked to only through its public APIs (onboarding, ``/auth/token``, the
+config-entries flow REST API, the websocket API, the TTS proxy URL): the same calls
+its frontend makes, so the test proves what a user's setup does.
+
+Home Assistant lives in its own venv (``.venv-hass``, built by
+``scripts/setup_hass.sh``): its wheels need Python 3.13 and pin their own libraries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+
+LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
+HASS_VENV = REPO / ".venv-hass"
+HASS_BIN = HASS_VENV / "bin" / "hass"
+SUPERWHISPER_BIN = REPO / ".venv" / "bin" / "superwhisper"
+
+OWNER = {"name": "Camille", "username": "camille", "password": "superwhisper-e2e", "language": "fr"}
+"""The owner created by the onboarding users step (a local account; nothing leaves the machine)."""
+
+
+def free_port() -> int:
+    """A port free on loopback now (the servers take a fixed port on the command line)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+@dataclass
+class ManagedProcess:
+    """A subprocess in its own session; ``stop()`` ends its whole process group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the group (a graceful stop), SIGKILL what is left after ``timeout``."""
+        pgid = self.popen.pid  # start_new_session: the leader's pid is the group id
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+                self.popen.wait(10)
+        # Children that outlived their leader (an ffmpeg, an espeak-ng) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def start_process(name: str, argv: Sequence[str], log_path: Path, cwd: Path | None = None) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return ManagedProcess(name, popen, log_path)
+
+
+def wait_http(url: str, process: ManagedProcess, timeout: float, expect: int = 200) -> float:
+    """Poll ``url`` until it answers ``expect``; seconds waited. Fails fast if the process dies."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(
+                f"{process.name} exited with {process.popen.returncode} before {url} answered;"
+                f" its log ends with:\n{process.tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == expect:
+                    return time.monotonic() - start
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+            if error.code == expect:
+                return time.monotonic() - start
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.25)
+    raise TimeoutError(
+        f"{url} did not answer {expect} within {timeout:.0f} s ({last}); log:\n{process.tail()}"
+    )
+
+
+# --- our servers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuperwhisperPorts:
+    asr: int
+    handle: int
+    tts: int
+    metrics: int
+
+
+@dataclass
+class SuperwhisperServe:
+    process: ManagedProcess
+    ports: SuperwhisperPorts
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.metrics}/metrics"
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Seconds until /readyz is 200 (models loaded, start-up smoke requests answered)."""
+        return wait_http(f"http://{LOOPBACK}:{self.ports.metrics}/readyz", self.process, timeout)
+
+
+@contextlib.contextmanager
+def superwhisper_serve(log_dir: Path) -> Iterator[SuperwhisperServe]:
+    """``superwhisper serve``: the three services on loopback ports, the ops HTTP too.
+
+    Yields as soon as the process is started (``wait_ready()`` waits), so that Home
+    Assistant can start alongside; the process group is stopped on the way out.
+    """
+    ports = SuperwhisperPorts(free_port(), free_port(), free_port(), free_port())
+    argv = [
+        str(SUPERWHISPER_BIN),
+        "serve",
+        "--no-zeroconf",
+        "--metrics-port",
+        str(ports.metrics),
+        "--set",
+        f"metrics.host={LOOPBACK}",
+        "--set",
+        f"asr.uri=tcp://{LOOPBACK}:{ports.asr}",
+        "--set",
+        f"handle.uri=tcp://{LOOPBACK}:{ports.handle}",
+        "--set",
+        f"tts.uri=tcp://{LOOPBACK}:{ports.tts}",
+    ]
+    process = start_process("superwhisper serve", argv, log_dir / "superwhisper.log", cwd=REPO)
+    try:
+        yield SuperwhisperServe(process, ports)
+    finally:
+        process.stop()
+
+
+def metric_total(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample over the series whose labels include ``labels``."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{key}="{val}"' in series for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+async def transcribe_direct(host: str, port: int, pcm: bytes, language: str, rate: int = 16000) -> str:
+    """Our ASR's transcript of ``pcm``, asked directly over Wyoming as Home Assistant asks:
+    ``transcribe`` with the language, 10 ms chunks, ``audio-stop``. The control run that
+    tells whether Home Assistant delivered the audio intact."""
+    chunk = rate // 100 * 2
+    async with AsyncTcpClient(host, port) as client:
+        await client.write_event(Transcribe(language=language).event())
+        await client.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+        for start in range(0, len(pcm), chunk):
+            await client.write_event(
+                AudioChunk(rate=rate, width=2, channels=1, audio=pcm[start : start + chunk]).event()
+            )
+        await client.write_event(AudioStop().event())
+        while True:
+            event = await asyncio.wait_for(client.read_event(), timeout=60)
+            if event is None:
+                raise HassError("our ASR closed the connection without a transcript")
+            if Transcript.is_type(event.type):
+                return Transcript.from_event(event).text
+            if Error.is_type(event.type):
+                raise HassError(f"our ASR answered an error: {Error.from_event(event).text}")
+
+
+# --- Home Assistant: the process -----------------------------------------------------
+
+
+def write_hass_config(config_dir: Path, port: int) -> None:
+    """A minimal configuration: loopback HTTP, and a full core config (Paris, French).
+
+    Location, time zone, units, currency and country are given so that Home Assistant
+    has nothing to detect over the network; ``default_config`` is left out on purpose
+    (it would start zeroconf, SSDP, DHCP, Bluetooth and cloud discovery).
+    """
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "configuration.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            homeassistant:
+              name: superwhisper e2e
+              latitude: 48.8566
+              longitude: 2.3522
+              elevation: 35
+              unit_system: metric
+              currency: EUR
+              country: FR
+              language: fr
+              time_zone: Europe/Paris
+            http:
+              server_host: {LOOPBACK}
+              server_port: {port}
+            logger:
+              default: warning
+              logs:
+                homeassistant.components.wyoming: debug
+                homeassistant.components.assist_pipeline: info
+            """
+        )
+    )
+
+
+@dataclass
+class HassInstance:
+    process: ManagedProcess
+    config_dir: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Seconds until /api/onboarding answers (the HTTP API is up)."""
+        return wait_http(f"{self.url}/api/onboarding", self.process, timeout)
+
+    def log(self) -> str:
+        try:
+            return (self.config_dir / "home-assistant.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def home_assistant(config_dir: Path) -> Iterator[HassInstance]:
+    """``hass -c config_dir --skip-pip`` on a free loopback port; ``wait_ready()`` waits.
+
+    ``--skip-pip``: every requirement is installed by scripts/setup_hass.sh; a missing
+    one must fail here, not be fetched from PyPI in the middle of a test.
+    """
+    port = free_port()
+    write_hass_config(config_dir, port)
+    argv = [str(HASS_BIN), "-c", str(config_dir), "--skip-pip", "--log-no-color"]
+    process = start_process("hass", argv, config_dir / "hass.stdout.log")
+    try:
+        yield HassInstance(process, config_dir, port)
+    finally:
+        process.stop()
+
+
+# --- Home Assistant: REST --------------------------------------------------------------
+
+
+class HassError(AssertionError):
+    """Home Assistant answered something a user's setup would not get."""
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    text = await response.text()
+    if response.status >= 400:
+        raise HassError(f"{response.method} {response.url} → HTTP {response.status}: {text[:500]}")
+    return json.loads(text) if text else None
+
+
+async def onboard_owner(session: aiohttp.ClientSession, base: str) -> str:
+    """Onboarding's users step only (later steps add integrations), then an access token."""
+    client_id = f"{base}/"
+    async with session.post(f"{base}/api/onboarding/users", json={"client_id": client_id, **OWNER}) as resp:
+        auth_code = (await _json(resp))["auth_code"]
+    form = {"grant_type": "authorization_code", "code": auth_code, "client_id": client_id}
+    async with session.post(f"{base}/auth/token", data=form) as resp:
+        return str((await _json(resp))["access_token"])
+
+
+async def add_wyoming_entry(
+    session: aiohttp.ClientSession, base: str, token: str, host: str, port: int
+) -> dict[str, Any]:
+    """The config flow a user walks through in Settings → Integrations → Wyoming Protocol."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with session.post(
+        f"{base}/api/config/config_entries/flow",
+        json={"handler": "wyoming", "show_advanced_options": False},
+        headers=headers,
+    ) as resp:
+        form = await _json(resp)
+    if form.get("type") != "form" or form.get("step_id") != "user":
+        raise HassError(f"wyoming flow did not open its user form: {form}")
+    async with session.post(
+        f"{base}/api/config/config_entries/flow/{form['flow_id']}",
+        json={"host": host, "port": port},
+        headers=headers,
+    ) as resp:
+        result = await _json(resp)
+    if result.get("type") != "create_entry":
+        raise HassError(f"wyoming flow for {host}:{port} did not create an entry: {result}")
+    return dict(result["result"])
+
+
+async def wait_entries_loaded(
+    session: aiohttp.ClientSession, base: str, token: str, entry_ids: Sequence[str], limit_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """The config entries, once every one of ``entry_ids`` is ``loaded`` (or failed for good)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + limit_s
+    while True:
+        async with session.get(f"{base}/api/config/config_entries/entry", headers=headers) as resp:
+            entries = [e for e in await _json(resp) if e["entry_id"] in entry_ids]
+        states = {e["entry_id"]: e["state"] for e in entries}
+        if all(states.get(i) == "loaded" for i in entry_ids):
+            return entries
+        if any(s in ("setup_error", "migration_error", "failed_unload") for s in states.values()):
+            raise HassError(f"a wyoming entry failed to load: {entries}")
+        if time.monotonic() > deadline:
+            raise HassError(f"wyoming entries not loaded after {limit_s:.0f} s: {entries}")
+        await asyncio.sleep(0.2)
+
+
+# --- Home Assistant: websocket -----------------------------------------------------------
+
+
+@dataclass
+class PipelineEvent:
+    type: str
+    data: dict[str, Any]
+    at: float
+    """``time.monotonic()`` when the event arrived."""
+
+
+@dataclass
+class PipelineRunResult:
+    events: list[PipelineEvent]
+    audio_sent_at: float
+    """``time.monotonic()`` when the last audio frame (the empty one) was sent."""
+
+    def first(self, event_type: str) -> PipelineEvent:
+        for event in self.events:
+            if event.type == event_type:
+                return event
+        raise HassError(f"no {event_type} event in the run: {[e.type for e in self.events]}")
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e.data for e in self.events if e.type == "error"]
+
+
+class HassWebSocket:
+    """Home Assistant's websocket API, as its frontend uses it (one connection, numbered calls)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next_id = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, session: aiohttp.ClientSession, base: str, token: str) -> Any:
+        async with session.ws_connect(f"{base}/api/websocket", max_msg_size=0) as ws:
+            hello = await ws.receive_json(timeout=10)
+            if hello.get("type") != "auth_required":
+                raise HassError(f"websocket did not ask for auth: {hello}")
+            await ws.send_json({"type": "auth", "access_token": token})
+            answer = await ws.receive_json(timeout=10)
+            if answer.get("type") != "auth_ok":
+                raise HassError(f"websocket auth refused: {answer}")
+            yield cls(ws)
+
+    def _id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def call(self, message_type: str, limit_s: float = 30.0, **data: Any) -> Any:
+        """One command; its ``result`` (raises on ``success: false``)."""
+        msg_id = self._id()
+        await self._ws.send_json({"id": msg_id, "type": message_type, **data})
+        while True:
+            message = await self._ws.receive_json(timeout=limit_s)
+            if message.get("id") != msg_id:
+                continue
+            if message.get("type") != "result":
+                continue
+            if not message.get("success"):
+                raise HassError(f"{message_type} failed: {message.get('error')}")
+            return message.get("result")
+
+    async def run_pipeline(
+        self,
+        pipeline_id: str,
+        pcm: bytes,
+        *,
+        sample_rate: int = 16000,
+        frame_bytes: int = 640,
+        limit_s: float = 60.0,
+    ) -> PipelineRunResult:
+        """``assist_pipeline/run`` from stt to tts, the audio streamed as binary frames.
+
+        Each frame is the run's ``stt_binary_handler_id`` byte followed by PCM
+        (16-bit mono); the lone handler byte ends the audio, as the frontend does.
+        """
+        msg_id = self._id()
+        await self._ws.send_json(
+            {
+                "id": msg_id,
+                "type": "assist_pipeline/run",
+                "pipeline": pipeline_id,
+                "start_stage": "stt",
+                "end_stage": "tts",
+                "input": {"sample_rate": sample_rate},
+                "timeout": limit_s,
+            }
+        )
+        events: list[PipelineEvent] = []
+        audio_sent_at = 0.0
+        deadline = time.monotonic() + limit_s + 10
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HassError(f"pipeline run did not end; events so far: {[e.type for e in events]}")
+            message = await self._ws.receive_json(timeout=remaining)
+            if message.get("id") != msg_id:
+                continue
+            if message["type"] == "result":
+                if not message.get("success"):
+                    raise HassError(f"assist_pipeline/run refused: {message.get('error')}")
+                continue
+            event = message["event"]
+            events.append(PipelineEvent(event["type"], event.get("data") or {}, time.monotonic()))
+            if event["type"] == "run-start":
+                handler_id = event["data"]["runner_data"]["stt_binary_handler_id"]
+                prefix = bytes([handler_id])
+                for start in range(0, len(pcm), frame_bytes):
+                    await self._ws.send_bytes(prefix + pcm[start : start + frame_bytes])
+                await self._ws.send_bytes(prefix)
+                audio_sent_at = time.monotonic()
+            elif event["type"] in ("run-end", "error"):
+                if event["type"] == "error":
+                    # an error ends the run; run-end may or may not follow
+                    with contextlib.suppress(TimeoutError):
+                        follow = await self._ws.receive_json(timeout=2)
+                        if follow.get("id") == msg_id and follow.get("type") == "event":
+                            ev = follow["event"]
+                            events.append(PipelineEvent(ev["type"], ev.get("data") or {}, time.monotonic()))
+                return PipelineRunResult(events, audio_sent_at)
+
+
+async def fetch_bytes(session: aiohttp.ClientSession, url: str) -> tuple[bytes, str]:
+    """Body and content type of a plain GET (the TTS proxy URL needs no token)."""
+    async with session.get(url) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            raise HassError(f"GET {url} → HTTP {resp.status}: {body[:300]!r}")
+        return body, resp.headers.get("Content-Type", "")
+
+
+def decode_audio(data: bytes, rate: int = 16000) -> bytes:
+    """Any audio ffmpeg reads (here the MP3 Home Assistant serves) → 16-bit mono PCM."""
+    result = subprocess.run(
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            "pipe:0",
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            str(rate),
+            "pipe:1",
+        ],
+        input=data,
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        raise HassError(f"ffmpeg could not decode the audio: {result.stderr.decode(errors='replace')[:500]}")
+    return result.stdout
