@@ -19,8 +19,8 @@ server versus ``WhisperModel.transcribe`` in process on the same audio.
 
 The peer is installed in its own venv, never ours::
 
-    python -m venv bench/.venv-peers
-    bench/.venv-peers/bin/pip install "wyoming-faster-whisper>=3.8,<3.9" "torch==2.13.0"
+    python3.11 -m venv /tmp/superwhisper-peers-venv      # or $SUPERWHISPER_PEER_VENV
+    /tmp/superwhisper-peers-venv/bin/pip install "wyoming-faster-whisper>=3.8,<3.9" "torch==2.13.0"
     flock /tmp/sw-heavy.lock .venv/bin/python bench/asr_bench.py
 
 Results go to ``bench/results/asr-<date>.json``.
@@ -70,7 +70,8 @@ from wyoming_superwhisper.runtime.server import ServiceContext, ServiceServer  #
 
 _LOGGER = logging.getLogger("asr_bench")
 RATE = 16000
-PEER_VENV = ROOT / "bench" / ".venv-peers"
+PEER_VENV = Path(os.environ.get("SUPERWHISPER_PEER_VENV", "/tmp/superwhisper-peers-venv"))
+"""The peer's own venv, outside the work tree (the GPU-guard audit scans bench/)."""
 COMMANDS = [
     ("fr", "Allume la lumière du salon."),
     ("fr", "Ferme les volets de la chambre."),
