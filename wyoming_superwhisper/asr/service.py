@@ -83,9 +83,12 @@ def build_engines(context: ServiceContext) -> tuple[list[AsrEngine], list[AsrMod
             continue
         spec = level.model.spec
         options = {**dict(spec.options), **dict(level.level.options)}
-        compute_type = str(options.pop("compute_type", "") or "")
-        if level.device == "cpu" and compute_type in ("float16", "int8_float16"):
-            compute_type = "int8"  # a GPU type in the catalog; the CPU runs int8
+        options.pop("compute_type", None)
+        # The level's own compute_type wins; the catalog's is a CPU default, so a GPU
+        # level takes float16 (CTranslate2's fast path on CUDA) and a CPU level int8.
+        compute_type = str(level.level.options.get("compute_type") or "")
+        if not compute_type:
+            compute_type = "float16" if level.device.startswith("cuda") else "int8"
         engines.append(
             WhisperEngine(
                 level.model.entry_path,
