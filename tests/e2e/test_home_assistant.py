@@ -167,6 +167,7 @@ def _entity(configured: Configured, service: str, domain: str) -> str:
 def test_home_assistant_loads_our_three_servers(configured: Configured) -> None:
     """Each server becomes a loaded Wyoming entry offering the right kind of entity."""
     for service, entry in configured.entries.items():
+        print(f"\n[result] {service}: {entry['title']!r} ({entry['state']}): {configured.entities[service]}")
         assert entry["domain"] == "wyoming"
         assert entry["state"] == "loaded", f"{service}: {entry}"
     assert _entity(configured, "asr", "stt")
