@@ -81,6 +81,12 @@ async def test_streamed_chunks_make_the_final_answer(handle: tuple[HandleService
     assert text.strip()
     assert "".join(e.data["text"] for e in events if e.type == "handled-chunk") == text
     assert "*" not in text and "#" not in text
+    registry = handle[0].context.metrics.registry
+    assert (
+        registry.get_sample_value("superwhisper_handle_tokens_per_second_count", {"fallback_level": "0"}) or 0
+    ) >= 1
+    generation = {"service": "handle", "stage": "generation", "fallback_level": "0"}
+    assert (registry.get_sample_value("superwhisper_stage_seconds_count", generation) or 0) >= 1
 
 
 async def test_english_request_answered(handle: tuple[HandleService, ServiceServer]) -> None:

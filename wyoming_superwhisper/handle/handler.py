@@ -112,8 +112,10 @@ class HandleHandler(EventHandler):
             if answer.first_chunk_s is not None:
                 metrics.observe(service.name, "first_chunk", answer.first_chunk_s, answer.level)
             metrics.observe(
-                service.name, "answer", asyncio.get_running_loop().time() - started, answer.level
+                service.name, "generation", asyncio.get_running_loop().time() - started, answer.level
             )
+            if answer.tokens_per_second is not None:
+                metrics.tokens_per_second.labels(str(answer.level)).observe(answer.tokens_per_second)
             _LOGGER.info(
                 "handle %s: answered by %s (%s) in %.2f s",
                 self.connection.peer,

@@ -76,6 +76,10 @@ class Answer:
     tool_calls: tuple[dict[str, Any], ...] = ()
     first_chunk_s: float | None = None
     """Seconds from the request to the first released chunk (None: nothing streamed)."""
+    tokens: int = 0
+    """Pieces of text the engine streamed (one per token for llama.cpp and OpenAI APIs)."""
+    tokens_per_second: float | None = None
+    """Generation speed from the first to the last token (None: fewer than two tokens)."""
 
     @property
     def fell_back(self) -> bool:
@@ -87,6 +91,9 @@ class _Stream:
     """One level's attempt at one answer (per-request state of :meth:`_stream_level`)."""
 
     raw: str = ""
+    tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     sent: str = ""
     committed: bool = False
     finish: str | None = None
@@ -188,9 +195,7 @@ class HandleService(WyomingService):
 
     async def smoke(self) -> str:
         """A few real tokens from the first level that answers, no gate."""
-        request = ChatRequest(
-            build_messages(self._system("fr"), [], "Dis bonjour."), max_tokens=4
-        )
+        request = ChatRequest(build_messages(self._system("fr"), [], "Dis bonjour."), max_tokens=4)
 
         async def call(engine: ChatEngine) -> str:
             text = ""
@@ -353,6 +358,8 @@ class HandleService(WyomingService):
             attempts=result.attempts,
             tool_calls=answer.tool_calls,
             first_chunk_s=answer.first_chunk_s,
+            tokens=answer.tokens,
+            tokens_per_second=answer.tokens_per_second,
         )
 
     async def _stream_level(
@@ -386,6 +393,11 @@ class HandleService(WyomingService):
                 async with contextlib.aclosing(engine.stream(request)) as stream:
                     async for delta in stream:
                         state.raw += delta.text
+                        if delta.text:
+                            state.tokens += 1
+                            state.last_token_at = loop.time()
+                            if state.first_token_at is None:
+                                state.first_token_at = state.last_token_at
                         state.finish = delta.finish_reason or state.finish
                         if delta.tool_calls:
                             _merge_tool_calls(state.tool_calls, delta.tool_calls)
@@ -443,7 +455,16 @@ class HandleService(WyomingService):
             finish_reason=finish,
             tool_calls=tool_calls,
             first_chunk_s=None if state.first_chunk_at is None else state.first_chunk_at - started,
+            tokens=state.tokens,
+            tokens_per_second=_rate(state),
         )
+
+
+def _rate(state: _Stream) -> float | None:
+    if state.tokens < 2 or state.first_token_at is None or state.last_token_at is None:
+        return None
+    span = state.last_token_at - state.first_token_at
+    return (state.tokens - 1) / span if span > 0 else None
 
 
 def _merge_tool_calls(into: dict[int, dict[str, Any]], deltas: Sequence[Mapping[str, Any]]) -> None:
