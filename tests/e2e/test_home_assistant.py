@@ -53,15 +53,20 @@ pytestmark = [
     ),
 ]
 
-SENTENCE = "Allume la lumière du salon"
+SENTENCE = "Mets de la musique dans le salon"
+"""A French home command that espeak-ng says clearly enough for whisper-base. The
+classic "Allume la lumière du salon" was measured too and rejected: through our ASR
+it comes out as "A l'Union du Salon." (WER 0.60) with 0.5 s of silence before it,
+but as "Allum, !" (1.00) or "A l'une à l'uneienne de salut." (1.60) with 0.25 or
+1 s: a test of the model's luck, not of Home Assistant."""
 
-MAX_WER = 0.6
-"""Against the sentence: at most 3 of its 5 words wrong. That is the ceiling of the
+MAX_WER = 0.5
+"""Against the sentence: at most 3 of its 7 words wrong. That is the ceiling of the
 recognizer, not of the path: espeak-ng's robotic French heard by whisper-base on a CPU
-(the level the default ASR chain runs without a GPU) comes out as "A l'Union du
-Salon." (0.60) through our ASR alone; nine other French home commands measured
-0.29–0.83 the same way. Silence, a wrong sample rate or width, or a cut stream gives
-an empty or unrelated transcript (≥ 0.8). The precise check is the next one."""
+(the level the default ASR chain runs without a GPU) comes out as "Médra musique dans
+le salon." (0.43) through our ASR alone, "Mede la musique dans le salon." (0.29) with
+less leading silence. Silence, a wrong sample rate or width, or a cut stream gives an
+empty or unrelated transcript (≥ 0.85). The precise check is the next one."""
 
 MAX_WER_VS_DIRECT = 0.2
 """Against our ASR's transcript of the same audio sent directly over Wyoming: at most
