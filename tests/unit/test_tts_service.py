@@ -26,6 +26,7 @@ from wyoming_superwhisper.runtime.fallback import EngineError, FallbackChain
 from wyoming_superwhisper.runtime.server import ServiceServer
 from wyoming_superwhisper.tts.engines import (
     Audio,
+    PriorityLock,
     SynthesisOptions,
     TtsEngine,
     check_audio,
@@ -322,3 +323,57 @@ def test_resampling_keeps_the_duration() -> None:
     out = audio.resampled(16000)
     assert out.rate == 16000 and abs(out.seconds - audio.seconds) < 0.002
     assert audio.resampled(22050) is audio
+
+
+async def test_priority_lock_serves_first_segments_first_then_arrival_order() -> None:
+    lock = PriorityLock()
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def use(name: str, priority: tuple[float, float]) -> None:
+        async with lock.hold(priority):
+            order.append(name)
+            if name == "holder":
+                await gate.wait()
+
+    holder = asyncio.create_task(use("holder", (0, 0)))
+    await asyncio.sleep(0)
+    waiters = [
+        asyncio.create_task(use(name, priority))
+        for name, priority in [
+            ("a-rest", (1, 1.0)),
+            ("b-first", (0, 2.0)),
+            ("c-rest", (1, 0.5)),
+            ("d-first", (0, 1.5)),
+        ]
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(holder, *waiters)
+    assert order == ["holder", "d-first", "b-first", "c-rest", "a-rest"]
+    assert not lock.locked
+
+
+async def test_priority_lock_survives_cancelled_waiters() -> None:
+    lock = PriorityLock()
+    gate = asyncio.Event()
+    got: list[str] = []
+
+    async def hold() -> None:
+        async with lock.hold():
+            await gate.wait()
+
+    async def wait(name: str) -> None:
+        async with lock.hold():
+            got.append(name)
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    doomed, patient = asyncio.create_task(wait("doomed")), asyncio.create_task(wait("patient"))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    gate.set()
+    await asyncio.gather(holder, patient)
+    with contextlib.suppress(asyncio.CancelledError):
+        await doomed
+    assert got == ["patient"] and not lock.locked

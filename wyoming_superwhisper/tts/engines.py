@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import math
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -33,6 +36,7 @@ from ..runtime.fallback import EngineError
 
 _LOGGER = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SAMPLE_WIDTH = 2
 """Every engine answers 16-bit signed little-endian PCM."""
 CHANNELS = 1
@@ -80,6 +84,55 @@ class SynthesisOptions:
     """Speaker name or index (multi-speaker Piper voices; a remote server's speaker)."""
     length_scale: float = 1.0
     """Speaking speed: >1 slower, <1 faster."""
+    priority: tuple[float, float] = (0.0, 0.0)
+    """Order among requests waiting for the same voice, lower first: the handler passes
+    (0 for an answer's first segment else 1, the answer's start time), so every client
+    hears its first words early and then answers finish in arrival order."""
+
+
+class PriorityLock:
+    """An asyncio lock whose waiters get it by priority, then by arrival.
+
+    A voice synthesizes one segment at a time; with a plain FIFO lock, four
+    answers interleave segment by segment and all finish last. Served by
+    priority, each answer's first segment goes first, then answers finish one
+    after the other: the same first-audio time for everyone, earlier ends.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[tuple[tuple[float, float], int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @property
+    def locked(self) -> bool:
+        return self._held
+
+    @contextlib.asynccontextmanager
+    async def hold(self, priority: tuple[float, float] = (0.0, 0.0)) -> AsyncIterator[None]:
+        if self._held or self._waiters:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (priority, next(self._arrivals), future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release()  # handed over just as we were cancelled: pass it on
+                raise
+        else:
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # ownership moves to that waiter
+                return
+        self._held = False
 
 
 @dataclass(frozen=True)
@@ -171,7 +224,7 @@ class PiperEngine(TtsEngine):
     warm_text: str = "Bonjour."
     native_rate: int = 0
     _voice: Any = field(default=None, init=False, repr=False)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _lock: PriorityLock = field(default_factory=PriorityLock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         config = self.config_path or Path(f"{self.model_path}.json")
@@ -182,9 +235,9 @@ class PiperEngine(TtsEngine):
     async def load(self) -> None:
         if self._voice is not None:
             return
-        async with self._lock:
+        async with self._lock.hold((-1.0, 0.0)):
             if self._voice is None:
-                self._voice = await asyncio.to_thread(self._load_and_warm)
+                self._voice = await _until_done(asyncio.to_thread(self._load_and_warm))
 
     def _load_and_warm(self) -> Any:
         import onnxruntime
@@ -212,7 +265,7 @@ class PiperEngine(TtsEngine):
         return voice
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._lock.hold((-1.0, 0.0)):
             self._voice = None
 
     def speakers(self) -> tuple[str, ...]:
@@ -238,11 +291,11 @@ class PiperEngine(TtsEngine):
             raise EngineError(f"{self.name} is not loaded")
         speaker_id = self._speaker_id(options.speaker)
         scale = self.length_scale * options.length_scale
-        async with self._lock:
+        async with self._lock.hold(options.priority):
             voice = self._voice
             if voice is None:
                 raise EngineError(f"{self.name} was closed")
-            pcm = await asyncio.to_thread(self._run, voice, text, speaker_id, scale)
+            pcm = await _until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
         return Audio(pcm, self.native_rate, self.name)
 
     @staticmethod
@@ -254,6 +307,22 @@ class PiperEngine(TtsEngine):
             return b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text, config))
         except Exception as error:  # onnxruntime errors on a broken graph surface here
             raise EngineError(f"Piper synthesis failed: {error}") from error
+
+
+async def _until_done(work: Awaitable[T]) -> T:
+    """Await work running in a thread; if cancelled, still wait for the thread to end.
+
+    A thread cannot be stopped: releasing the voice's lock while it still runs would
+    let a second synthesis start on the same voice.
+    """
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled() and future.exception() is not None:
+            _LOGGER.debug("work abandoned by a cancelled request failed: %s", future.exception())
+        raise
 
 
 # --- espeak-ng --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,7 @@ class _Response:
         audio_started = False
         failed = False
         worst_level = 0
+        segments = 0
         try:
             while True:
                 segment = await self._queue.get()
@@ -94,8 +96,12 @@ class _Response:
                     break
                 if failed:
                     continue  # drain a stream that already failed until its synthesize-stop
+                options = dataclasses.replace(
+                    self.options, priority=(0.0 if segments == 0 else 1.0, self._started)
+                )
+                segments += 1
                 try:
-                    result = await service.speak(self.route, segment, self.options)
+                    result = await service.speak(self.route, segment, options)
                 except AllLevelsFailed as error:
                     _LOGGER.warning("tts %s: %s", connection.peer, error)
                     metrics.count(service.name, "error")
