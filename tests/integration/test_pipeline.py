@@ -511,7 +511,7 @@ def _wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float = 240
 def test_superwhisper_serve_then_the_pipeline_command(
     tmp_path: Path, speech: Callable[..., np.ndarray]
 ) -> None:
-    """The user's story: `superwhisper serve`, wait for /readyz, run the pipeline CLI, stop with SIGTERM."""
+    """The user's story: `superwhisper serve`, wait for /readyz, `superwhisper pipeline`, SIGTERM."""
     wav = tmp_path / "question.wav"
     write_wav(wav, speech(FR_QUESTION, "fr", 16000).tobytes(), 16000)
     ports = {name: _free_port() for name in ("asr", "handle", "tts", "ops")}
@@ -524,7 +524,7 @@ def test_superwhisper_serve_then_the_pipeline_command(
     process = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         _wait_ready(process, f"http://127.0.0.1:{ports['ops']}/readyz")
-        client = [sys.executable, "-m", "wyoming_superwhisper.pipeline", "--wav", str(wav), "--json"]
+        client = [str(bin_dir / "superwhisper"), "pipeline", "--wav", str(wav), "--json"]
         client += ["--out", str(tmp_path / "answer.wav"), "--fast"]
         for name in ("asr", "handle", "tts"):
             client += [f"--{name}", f"tcp://127.0.0.1:{ports[name]}"]
