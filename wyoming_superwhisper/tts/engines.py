@@ -240,23 +240,16 @@ class PiperEngine(TtsEngine):
                 self._voice = await _until_done(asyncio.to_thread(self._load_and_warm))
 
     def _load_and_warm(self) -> Any:
-        import onnxruntime
         from piper import PiperVoice
-        from piper.config import PiperConfig
 
         try:
-            config = PiperConfig.from_dict(json.loads(Path(str(self.config_path)).read_text("utf-8")))
-            options = onnxruntime.SessionOptions()
-            # ONNX Runtime's idle worker threads spin by default: between two sentences they
-            # burn the cores the event loop needs to send audio to the other clients.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            providers: list[Any] = ["CPUExecutionProvider"]
-            if self.device.startswith("cuda"):
-                providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})]
-            session = onnxruntime.InferenceSession(
-                str(self.model_path), sess_options=options, providers=providers
+            # ONNX Runtime's defaults (all cores, spinning worker threads) measured best here:
+            # without spinning, four clients' p95 doubled (bench/tts_bench.py).
+            voice = PiperVoice.load(
+                str(self.model_path),
+                config_path=str(self.config_path),
+                use_cuda=self.device.startswith("cuda"),
             )
-            voice = PiperVoice(config=config, session=session)
         except Exception as error:  # onnxruntime raises its own types for a corrupt file
             raise EngineError(f"cannot load Piper voice {self.model_path.name}: {error}") from error
         self.native_rate = int(voice.config.sample_rate)
