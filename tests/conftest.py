@@ -8,6 +8,7 @@ downloaded from a hub.
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import subprocess
 import wave
@@ -94,7 +95,7 @@ def espeak_pcm(text: str, voice: str, rate: int = 16000, speed: int = 150) -> np
     raw = subprocess.run(
         [ESPEAK, "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True
     ).stdout
-    with wave.open(_BytesReader(raw)) as wav:  # type: ignore[arg-type]
+    with wave.open(io.BytesIO(_fix_wav_sizes(raw))) as wav:
         native = wav.getframerate()
         samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
     if native == rate:
@@ -102,27 +103,6 @@ def espeak_pcm(text: str, voice: str, rate: int = 16000, speed: int = 150) -> np
     duration = len(samples) / native
     target = np.linspace(0, len(samples) - 1, int(duration * rate))
     return np.interp(target, np.arange(len(samples)), samples).astype(np.int16)
-
-
-class _BytesReader:
-    """espeak-ng writes a WAV to stdout with unknown length fields; wave needs a file object."""
-
-    def __init__(self, data: bytes) -> None:
-        import io
-
-        self._io = io.BytesIO(_fix_wav_sizes(data))
-
-    def read(self, n: int = -1) -> bytes:
-        return self._io.read(n)
-
-    def seek(self, *args: int) -> int:
-        return self._io.seek(*args)
-
-    def tell(self) -> int:
-        return self._io.tell()
-
-    def close(self) -> None:
-        self._io.close()
 
 
 def _fix_wav_sizes(data: bytes) -> bytes:
