@@ -19,6 +19,7 @@ from wyoming_superwhisper.asr.engines import (
     collapse_repetitions,
     hotwords,
     is_hallucination,
+    looks_looped,
 )
 from wyoming_superwhisper.asr.handler import _audio_format, _parse_transcribe
 from wyoming_superwhisper.asr.hass import names_from_states
@@ -159,6 +160,21 @@ def test_hallucination_filter(text: str, no_speech: float, logprob: float, expec
 )
 def test_repetition_loops_are_cut(text: str, expected: str) -> None:
     assert collapse_repetitions(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "looped"),
+    [
+        ("Bonjour, quelle heure est-il ? Bonjour, quelle heure est-il ?", True),
+        ("Turn on the light turn on the light", True),
+        ("de de de de", True),
+        ("Bonjour, quelle heure est-il ?", False),
+        ("oui oui", False),
+        ("très très bien", False),
+    ],
+)
+def test_loop_detection_for_the_short_encoder_window(text: str, looped: bool) -> None:
+    assert looks_looped(text) is looped
 
 
 @pytest.mark.parametrize(
