@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +142,6 @@ def summarize(rows: Sequence[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-async def run_series(
-    port: int, text: str, mode: str, repeats: int, token_interval: float, clients: int = 1
-) -> dict[str, Any]:
-    rows: list[dict[str, float]] = []
-    await one_request(port, text, mode, token_interval)  # warm caches on both sides
-    for _ in range(repeats):
-        batch = await asyncio.gather(
-            *(one_request(port, text, mode, token_interval) for _ in range(clients))
-        )
-        rows.extend(batch)
-    return summarize(rows)
-
-
 # --- servers ----------------------------------------------------------------------
 
 
@@ -219,65 +206,71 @@ def peer_command(python: str, port: int, voice_dir: Path, voice: str, streaming:
     return command if streaming else [*command, "--no-streaming"]
 
 
-def raw_piper(model: Path, text: str, repeats: int) -> dict[str, Any]:
-    """PiperVoice.synthesize in process: the floor for total synthesis time."""
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(str(model))
-    for _ in voice.synthesize("Hello."):
-        pass
-    rows = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        pcm = b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text))
-        total = time.perf_counter() - started
-        audio_s = len(pcm) / 2 / voice.config.sample_rate
-        rows.append({"first_audio_s": total, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s})
-    return summarize(rows)
+def raw_piper(voice: Any, text: str) -> dict[str, float]:
+    """PiperVoice.synthesize in this process: the floor for total synthesis time."""
+    started = time.perf_counter()
+    pcm = b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text))
+    total = time.perf_counter() - started
+    audio_s = len(pcm) / 2 / voice.config.sample_rate
+    return {"first_audio_s": total, "total_s": total, "audio_s": audio_s, "rtf": total / audio_s}
 
 
 # --- main -------------------------------------------------------------------------
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Both servers up at once; every repeat alternates between them (and raw Piper), so
+    the load other programs put on the machine falls on both sides alike."""
+    from piper import PiperVoice
+
     settings = load_settings(environ={}, overrides={"models.environment": "test"})
-    joe = ModelRegistry.from_settings(settings).resolve("piper-joe")
-    model = joe.entry_path
+    model = ModelRegistry.from_settings(settings).resolve("piper-joe").entry_path
+    voice = PiperVoice.load(str(model))
+    raw_piper(voice, "Hello.")
+    logs = Path(args.logs)
+    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+    ours_port, peer_port = free_port(), free_port()
+    peer = peer_command(args.peer_python, peer_port, model.parent, model.stem, streaming=True)
+    scenarios = [
+        (f"{text_name}/{mode}", text, mode, 1, args.repeats)
+        for text_name, text in TEXTS.items()
+        for mode in ("synthesize", "streaming")
+    ]
+    scenarios.append(
+        ("three_sentences/synthesize/4_clients", TEXTS["three_sentences"], "synthesize", 4,
+         max(2, args.repeats // 2))
+    )
+    servers: dict[str, dict[str, Any]] = {"superwhisper": {}, "wyoming-piper": {}}
+    raw: dict[str, list[dict[str, float]]] = {name: [] for name in TEXTS}
+    async with server(ours_command(ours_port), ours_port, logs / "superwhisper.log"), server(
+        peer, peer_port, logs / "wyoming-piper.log"
+    ):
+        ports = {"superwhisper": ours_port, "wyoming-piper": peer_port}
+        for key, text, mode, clients, repeats in scenarios:
+            rows: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
+            for port in ports.values():  # warm caches on both sides
+                await one_request(port, text, mode, args.token_interval)
+            for repeat in range(repeats):
+                order = list(ports) if repeat % 2 == 0 else list(reversed(ports))
+                for name in order:
+                    batch = await asyncio.gather(
+                        *(one_request(ports[name], text, mode, args.token_interval) for _ in range(clients))
+                    )
+                    rows[name].extend(batch)
+                if clients == 1 and mode == "synthesize":
+                    raw[key.split("/")[0]].append(raw_piper(voice, text))
+            for name, measured in rows.items():
+                servers[name][key] = summarize(measured)
+                _LOGGER.info("%s %s: %s", name, key, _brief(servers[name][key]))
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
         "voice": model.name,
         "repeats": args.repeats,
         "token_interval_s": args.token_interval,
-        "raw_piper": {name: raw_piper(model, text, args.repeats) for name, text in TEXTS.items()},
-        "servers": {},
+        "raw_piper": {name: summarize(rows) for name, rows in raw.items()},
+        "servers": servers,
     }
-    logs = Path(args.logs)
-    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
-    plans: list[tuple[str, Callable[[int], list[str]], list[str]]] = [
-        ("superwhisper", ours_command, ["synthesize", "streaming"]),
-        (
-            "wyoming-piper",
-            lambda port: peer_command(args.peer_python, port, model.parent, model.stem, True),
-            ["synthesize", "streaming"],
-        ),
-    ]
-    for name, command, modes in plans:
-        port = free_port()
-        _LOGGER.info("starting %s on %d", name, port)
-        async with server(command(port), port, logs / f"{name}.log"):
-            entry: dict[str, Any] = {}
-            for text_name, text in TEXTS.items():
-                for mode in modes:
-                    key = f"{text_name}/{mode}"
-                    entry[key] = await run_series(port, text, mode, args.repeats, args.token_interval)
-                    _LOGGER.info("%s %s: %s", name, key, _brief(entry[key]))
-            key = "three_sentences/synthesize/4_clients"
-            entry[key] = await run_series(
-                port, TEXTS["three_sentences"], "synthesize", max(2, args.repeats // 2), 0.0, clients=4
-            )
-            _LOGGER.info("%s %s: %s", name, key, _brief(entry[key]))
-            results["servers"][name] = entry
     results["ratios"] = ratios(results)
     return results
 
