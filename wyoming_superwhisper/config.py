@@ -207,12 +207,17 @@ class TtsSettings:
             "en": (EngineLevel(model="piper-joe"), EngineLevel(model="espeak-en")),
         }
     )
-    """Voice chain per language, best first."""
+    """Voice chain per language, best first. A catalog voice serves only the languages its
+    entry lists (a French text is never read by an English voice). Levels: ``model: <ref>``
+    (Piper options: ``speaker``, ``length_scale``; espeak-ng: ``voice``) or ``remote:
+    tcp://host:port`` (options: ``voice``, the remote's voice name; ``name``, the name
+    in ``describe``)."""
     max_chars: int = 2000
     output_rate: int = 0
     """Resample every answer to this rate in Hz; 0: the first voice's native rate."""
     length_scale: float = 1.0
-    """Speaking speed for Piper voices (>1 slower)."""
+    """Speaking speed of every voice (>1 slower): Piper's length scale; espeak-ng's words
+    per minute (150) are divided by it. A level's ``options.length_scale`` multiplies it."""
     timeout_s: float = 30.0
     failure_threshold: int = 3
     cooldown_s: float = 30.0
