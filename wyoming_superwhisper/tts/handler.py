@@ -250,7 +250,8 @@ class TtsHandler(EventHandler):
             stream.rejected = True
             stream.task.cancel()
             self._tasks.discard(stream.task)
-            self._last = None
+            if self._last is stream.task:
+                self._last = None
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await stream.task
             await self._too_long(stream.chars)
