@@ -88,6 +88,20 @@ class ThreadServer:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
 
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Poll ``predicate`` on the server's loop until it holds or ``timeout_s`` passes."""
+
+        async def poll() -> bool:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not predicate():  # noqa: ASYNC110 (another object's state: no event)
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                return False
+            return True
+
+        return bool(self.call(poll(), timeout_s + 5))
+
     def close(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
