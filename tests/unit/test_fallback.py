@@ -261,3 +261,14 @@ async def test_concurrent_requests_load_once() -> None:
     results = await asyncio.gather(*(ask(chain, str(i)) for i in range(8)))
     assert [r[0] for r in results] == [f"big:{i}" for i in range(8)]
     assert big.loads == 1
+
+
+async def test_quality_rejections_never_open_the_circuit() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", answer="garbage"), FakeEngine("small"))
+    for _ in range(5):
+        result = await chain.run(
+            lambda e: e.work("x"), quality_gate=lambda text: "garbage" if text == "garbage" else None
+        )
+        assert result.level == 1
+    assert chain.levels[0].breaker.state is CircuitState.CLOSED
+    assert chain.levels[0].last_error == "rejected: garbage"

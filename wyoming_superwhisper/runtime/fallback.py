@@ -391,6 +391,12 @@ class FallbackChain(Generic[E]):
     def _fail(self, index: int, attempt: Attempt) -> Attempt:
         state = self.levels[index]
         before = state.breaker.state
+        if attempt.outcome is Outcome.REJECTED:
+            # A rejected answer says more about the input (noise, an odd prompt) than about
+            # the engine: it moves the request on, but never opens a healthy engine's circuit.
+            state.breaker.abandon()
+            state.last_error = f"{attempt.outcome.value}: {attempt.reason}"
+            return self._record(attempt)
         state.breaker.record_failure()
         state.failures += 1
         state.last_error = f"{attempt.outcome.value}: {attempt.reason}"
