@@ -377,3 +377,38 @@ async def test_priority_lock_survives_cancelled_waiters() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await doomed
     assert got == ["patient"] and not lock.locked
+
+
+async def test_over_long_stream_queued_behind_an_answer_is_refused_without_hanging(serve: Serve) -> None:
+    slow = FakeVoice("slow", mode="block")
+    service = make_service({"fr": [slow]}, **{"tts.max_chars": 50})
+    async with serve(service) as server, client_of(server) as client:
+        await client.write_event(Synthesize(text="Bonjour.").event())
+        await slow.started.wait()  # the first answer holds the voice
+        await client.write_event(SynthesizeStart().event())  # its answer waits behind it
+        await client.write_event(Event("describe"))
+        await read_answer(client, last="info")  # the stream's task is now waiting
+        await client.write_event(SynthesizeChunk(text="a" * 51).event())
+        error = await read_answer(client, last="error")
+        assert error[-1].data["code"] == "text-too-long"
+        await client.write_event(SynthesizeStop().event())
+        assert (await read_answer(client, last="synthesize-stopped"))[-1].type == "synthesize-stopped"
+        slow.release.set()
+        audio_of(await read_answer(client))
+
+
+async def test_hanging_up_with_answers_queued_closes_the_connection(serve: Serve) -> None:
+    slow = FakeVoice("slow", mode="block")
+    service = make_service({"fr": [slow]})
+    async with serve(service) as server:
+        async with client_of(server) as leaving:
+            await leaving.write_event(Synthesize(text="Bonjour.").event())
+            await slow.started.wait()
+            await leaving.write_event(SynthesizeStart().event())  # queued behind the first
+            await leaving.write_event(Synthesize(text="Encore.").event())
+        for _ in range(200):
+            if server.active == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.active == 0  # the handler did not hang on its queued answers
+        assert slow.cancelled

@@ -79,8 +79,9 @@ class _Response:
 
     async def _run(self, after: asyncio.Task[None] | None) -> None:
         if after is not None:  # one answer at a time per connection, in request order
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await after
+            # asyncio.wait neither raises the earlier answer's failure or cancellation nor
+            # swallows ours (disconnect, an over-long stream): we must stay cancellable here.
+            await asyncio.wait({after})
         service = self.handler.service
         connection = self.handler.connection
         metrics = service.context.metrics
