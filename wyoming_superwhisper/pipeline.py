@@ -31,19 +31,19 @@ import json
 import logging
 import sys
 import time
-import warnings
 import wave
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncClient
 from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
+from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
     SynthesizeChunk,
@@ -53,12 +53,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-with warnings.catch_warnings():
-    # wyoming.audio imports the deprecated ``audioop`` (Python 3.11): the library's
-    # warning, not ours; keep it out of logs and tests.
-    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
-    from wyoming.audio import AudioChunk, AudioStart, AudioStop
-    from wyoming.info import Describe, Info
+from .audio import AudioFormatError, convert_pcm
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -159,31 +154,11 @@ def read_wav_16k(path: str | Path) -> bytes:
 
 
 def to_pcm16_mono(raw: bytes, rate: int, width: int, channels: int, target_rate: int) -> bytes:
-    """Convert integer PCM of any common width/channel count/rate to mono s16 at ``target_rate``."""
-    if width == 1:
-        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        bytes3 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
-        as32 = (
-            bytes3[:, 0].astype(np.int32) << 8
-            | bytes3[:, 1].astype(np.int32) << 16
-            | bytes3[:, 2].astype(np.int32) << 24
-        )
-        samples = as32.astype(np.float32) / 2147483648.0
-    elif width == 4:
-        samples = np.frombuffer(raw, dtype="<i4").astype(np.float32) / 2147483648.0
-    else:
-        raise ValueError(f"unsupported sample width {width} bytes")
-    if channels > 1:
-        usable = len(samples) - len(samples) % channels
-        samples = samples[:usable].reshape(-1, channels).mean(axis=1)
-    if rate != target_rate and len(samples):
-        import soxr
-
-        samples = soxr.resample(samples, rate, target_rate, quality="HQ")
-    return (np.clip(samples, -1.0, 1.0 - 1.0 / 32768) * 32768.0).astype("<i2").tobytes()
+    """Integer PCM of any common width/channel count/rate → mono s16 at ``target_rate``."""
+    try:
+        return convert_pcm(raw, rate, width, channels, target_rate)
+    except AudioFormatError as error:
+        raise ValueError(str(error)) from error
 
 
 def write_wav(path: str | Path, pcm: bytes, rate: int, width: int = WIDTH, channels: int = CHANNELS) -> None:

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
-with warnings.catch_warnings():
-    # wyoming.audio imports audioop (deprecated since 3.11); pyproject makes warnings errors.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import wyoming.audio  # noqa: F401
-
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import make_settings

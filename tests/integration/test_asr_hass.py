@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import AsyncIterator, Callable
-
-with warnings.catch_warnings():
-    # wyoming.audio imports audioop (deprecated since 3.11); pyproject makes warnings errors.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import wyoming.audio  # noqa: F401
 
 import numpy as np
 import pytest

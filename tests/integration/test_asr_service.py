@@ -13,15 +13,8 @@ import asyncio
 import contextlib
 import re
 import threading
-import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
-
-with warnings.catch_warnings():
-    # wyoming.audio imports audioop, deprecated since Python 3.11; pyproject turns
-    # warnings into errors, and the import happens at collection time.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import wyoming.audio  # noqa: F401
 
 import jiwer
 import numpy as np

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,9 +32,11 @@ from typing import Any
 import numpy as np
 import pytest
 from wyoming.asr import Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop
+from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 from tests.conftest import make_context, make_settings, requires_espeak, serving
 from wyoming_superwhisper.cli import SERVICES
@@ -50,11 +51,6 @@ from wyoming_superwhisper.pipeline import (
     write_wav,
 )
 from wyoming_superwhisper.runtime.server import ServiceContext, WyomingService
-
-with warnings.catch_warnings():  # wyoming.audio imports the deprecated audioop (the library's warning)
-    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
-    from wyoming.audio import AudioChunk, AudioStart, AudioStop
-    from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
 ATTRIBUTION = Attribution(name="test", url="https://example.invalid")
 

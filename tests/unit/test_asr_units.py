@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
-with warnings.catch_warnings():
-    # wyoming.audio imports audioop (deprecated since 3.11); pyproject makes warnings errors.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import wyoming.audio  # noqa: F401
-
 import numpy as np
 import pytest
 
-from wyoming_superwhisper.asr.audio import AudioConverter, AudioFormatError, decode_pcm, to_pcm16
 from wyoming_superwhisper.asr.engines import (
     AsrResult,
     QualityGate,
@@ -24,6 +16,7 @@ from wyoming_superwhisper.asr.engines import (
 from wyoming_superwhisper.asr.handler import _audio_format, _parse_transcribe
 from wyoming_superwhisper.asr.hass import names_from_states
 from wyoming_superwhisper.asr.vad import FRAME_SAMPLES, SpeechSpan, SpeechTracker, VadEvent
+from wyoming_superwhisper.audio import AudioConverter, AudioFormatError, decode_pcm, to_pcm16
 from wyoming_superwhisper.runtime.limits import ProtocolViolation
 
 # --- audio ------------------------------------------------------------------------------
@@ -71,7 +64,9 @@ def test_impossible_formats_are_refused(rate: int, width: int, channels: int) ->
 def test_pcm16_round_trip_clips() -> None:
     samples = np.array([0.0, 0.5, 2.0, -2.0], dtype=np.float32)
     back = np.frombuffer(to_pcm16(samples), dtype="<i2")
-    assert list(back) == [0, 16383, 32767, -32767]
+    assert list(back) == [0, 16384, 32767, -32768]
+    pcm = np.arange(-32768, 32768, 7, dtype="<i2").tobytes()
+    assert to_pcm16(decode_pcm(pcm, 2)) == pcm  # s16 survives a round trip exactly
 
 
 # --- speech tracker -----------------------------------------------------------------------

@@ -489,5 +489,5 @@ def test_install_packages_runs_pip_for_a_missing_distribution(
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip must not reach PyPI from a unit test
     monkeypatch.setenv("PIP_FIND_LINKS", str(fill(tmp_path / "wheels", {})))
     registry = make_registry(tmp_path, _ORDER_CATALOG)
-    with pytest.raises(RegistryError, match="fake-tiny-model==1.0"):
+    with pytest.raises(RegistryError, match=r"fake-tiny-model==1\.0"):
         registry.install_packages("tiny")

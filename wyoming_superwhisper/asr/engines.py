@@ -22,8 +22,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ..audio import TARGET_RATE, to_pcm16
 from ..runtime.fallback import EngineError
-from .audio import TARGET_RATE, to_pcm16
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from wyoming.event import Event
 from wyoming.info import Describe
 from wyoming.vad import VoiceStarted, VoiceStopped
 
+from ..audio import TARGET_RATE, AudioConverter, AudioFormatError
 from ..runtime.fallback import AllLevelsFailed
 from ..runtime.limits import ProtocolViolation, finite_number
 from ..runtime.server import Connection, EventHandler
-from .audio import TARGET_RATE, AudioConverter, AudioFormatError
 from .engines import AsrRequest
 from .service import AsrService, Decoded, QueueFull
 from .vad import SpeechSpan, SpeechTracker, VadEvent, VadStream

@@ -24,11 +24,11 @@ import numpy as np
 from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 
 from .. import __version__
+from ..audio import TARGET_RATE, AudioConverter
 from ..config import AsrSettings
 from ..runtime.chains import plan_chain
 from ..runtime.fallback import ChainResult, FallbackChain
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
-from .audio import TARGET_RATE, AudioConverter
 from .engines import (
     AsrEngine,
     AsrRequest,

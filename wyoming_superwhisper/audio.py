@@ -1,4 +1,7 @@
-"""Any client audio format → 16 kHz mono float32, converted as the chunks arrive.
+"""PCM in any client format → mono float32 at the rate a model wants (16 kHz by default).
+
+Shared by the ASR server (streaming conversion of what satellites send) and the
+pipeline client (WAV files and TTS answers); one decoder for 8/16/24/32-bit.
 
 Whisper and Silero both want 16 kHz mono. Satellites send 16 kHz s16 mono, but
 a browser or a USB microphone may send 44.1/48 kHz, stereo, or 24-bit samples.
@@ -26,7 +29,7 @@ class AudioFormatError(ValueError):
 class AudioConverter:
     """Stateful converter for one stream of one format."""
 
-    def __init__(self, rate: int, width: int, channels: int) -> None:
+    def __init__(self, rate: int, width: int, channels: int, target_rate: int = TARGET_RATE) -> None:
         if width not in SUPPORTED_WIDTHS:
             raise AudioFormatError(f"sample width {width} bytes is not supported (1, 2, 3 or 4)")
         if not 1 <= channels <= 32:
@@ -39,14 +42,14 @@ class AudioConverter:
         self._frame_bytes = width * channels
         self._carry = b""
         self._resampler = (
-            None if rate == TARGET_RATE else soxr.ResampleStream(rate, TARGET_RATE, 1, dtype="float32")
+            None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, dtype="float32")
         )
 
     def matches(self, rate: int, width: int, channels: int) -> bool:
         return (rate, width, channels) == (self.rate, self.width, self.channels)
 
     def convert(self, data: bytes) -> np.ndarray:
-        """Raw little-endian PCM → float32 mono samples at 16 kHz in [-1, 1]."""
+        """Raw little-endian PCM → float32 mono samples at the target rate, in [-1, 1]."""
         data = self._carry + data
         usable = len(data) - len(data) % self._frame_bytes
         self._carry = data[usable:]
@@ -83,6 +86,12 @@ def decode_pcm(data: bytes, width: int) -> np.ndarray:
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
-    """float32 [-1, 1] → s16 little-endian bytes (for a remote Wyoming engine)."""
-    clipped = np.clip(samples, -1.0, 1.0)
-    return (clipped * 32767.0).astype("<i2").tobytes()
+    """float32 [-1, 1] → s16 little-endian bytes; the exact inverse of ``decode_pcm`` for s16."""
+    clipped = np.clip(samples, -1.0, 1.0 - 1.0 / 32768.0)
+    return np.round(clipped * 32768.0).astype("<i2").tobytes()
+
+
+def convert_pcm(raw: bytes, rate: int, width: int, channels: int, target_rate: int = TARGET_RATE) -> bytes:
+    """A whole buffer of PCM in any supported format → mono s16 at ``target_rate``."""
+    converter = AudioConverter(rate, width, channels, target_rate)
+    return to_pcm16(np.concatenate([converter.convert(raw), converter.flush()]))
