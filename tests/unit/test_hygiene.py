@@ -86,3 +86,17 @@ async def test_cpu_only_is_a_no_op() -> None:
     chain = FallbackChain("asr", [FakeEngine("small")], memory=guard)
     await chain.run(lambda e: e.work("x"))
     assert value(metrics, "superwhisper_gpu_request_vram_delta_bytes_count", {"service": "asr"}) == 0
+
+
+def test_every_service_puts_its_chains_under_the_vram_guard() -> None:
+    from tests.conftest import make_context
+    from wyoming_superwhisper.asr.service import AsrService
+    from wyoming_superwhisper.handle.service import HandleService
+    from wyoming_superwhisper.tts.service import TtsService
+
+    context = make_context()
+    services = [AsrService(context), HandleService(context), TtsService(context)]
+    assert context.vram is not None
+    for service in services:
+        for chain in service.chains():
+            assert any(chain is registered for registered in context.vram.chains), chain.service

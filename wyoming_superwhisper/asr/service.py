@@ -161,6 +161,7 @@ class AsrService(WyomingService):
             failure_threshold=self.settings.failure_threshold,
             cooldown_s=self.settings.cooldown_s,
             observer=context.metrics,
+            memory=context.vram,
         )
         self.quality_gate = QualityGate(self.settings.min_avg_logprob, self.settings.max_compression_ratio)
         self.vad = SileroVad()

@@ -150,6 +150,7 @@ class HandleService(WyomingService):
             failure_threshold=self.settings.failure_threshold,
             cooldown_s=self.settings.cooldown_s,
             observer=context.metrics,
+            memory=context.vram,
         )
         try:
             self.memory = open_conversation_store(

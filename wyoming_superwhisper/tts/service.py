@@ -187,6 +187,7 @@ class TtsService(WyomingService):
                 failure_threshold=self.settings.failure_threshold,
                 cooldown_s=self.settings.cooldown_s,
                 observer=context.metrics,
+                memory=context.vram,
             )
 
     def _add_voice(
