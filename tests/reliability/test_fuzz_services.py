@@ -215,13 +215,16 @@ def cases(
     final: list[Act],
     *,
     max_actions: int = 6,
+    no_fatal_after: str = "",
 ) -> st.SearchStrategy[Case]:
     """A prefix of actions (at most one refused by the reader, always last) + the final request."""
 
     @st.composite
     def build(draw: st.DrawFn) -> Case:
         prefix = draw(st.lists(actions, max_size=max_actions))
-        if draw(st.integers(0, 9)) == 0:
+        if no_fatal_after and any(a.kind == no_fatal_after for a in prefix):
+            prefix = [a for a in prefix if not a.reader_refuses]
+        elif draw(st.integers(0, 9)) == 0:
             prefix.append(draw(fatal_acts))
         cut = next((i for i, act in enumerate(prefix) if act.reader_refuses), None)
         if cut is not None:
@@ -607,7 +610,8 @@ def test_handle_survives_fuzzed_event_sequences(handle_server: ThreadServer) -> 
     accepted = [0]
 
     @FUZZ_SETTINGS
-    @given(case=cases(handle_actions, handle_model, HANDLE_FINAL, max_actions=5))
+    # No refused bytes after a transcript until the slot leak below is fixed.
+    @given(case=cases(handle_actions, handle_model, HANDLE_FINAL, max_actions=5, no_fatal_after="transcript"))
     def one(case: Case) -> None:
         final = run_case(handle_server.port, case, HANDLE_KINDS)
         done[0] += 1
@@ -656,12 +660,7 @@ tts_actions = st.one_of(
         lambda d: Act("synthesize-start", d or None),
         st.fixed_dictionaries({}, optional={"voice": voice_values}),
     ),
-    # Chunk texts stay under tts.max_chars: an over-long stream while an earlier answer is still
-    # being spoken hangs the handler (test_tts_stream_over_the_limit_while_speaking_does_not_hang).
-    st.builds(
-        lambda d: Act("synthesize-chunk", d),
-        st.fixed_dictionaries({}, optional={"text": st.text(max_size=24) | values}),
-    ),
+    st.builds(lambda d: Act("synthesize-chunk", d), st.fixed_dictionaries({}, optional={"text": tts_text})),
     st.builds(
         lambda d: Act("synthesize-chunk", d),
         st.fixed_dictionaries({"text": st.sampled_from(["Bonjour. ", "Il fait ", "beau."])}),
@@ -805,21 +804,9 @@ def test_integer_beyond_float_range_is_a_bad_value(asr_server: ThreadServer) -> 
     assert received is not None and received.types() == ["info"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tts/handler.py: _Response._run awaits the previous answer inside "
-        "contextlib.suppress(asyncio.CancelledError, Exception), so a stream cancelled (text over "
-        "tts.max_chars, or disconnect()) while it waits for an earlier answer swallows its own "
-        "cancellation and then waits forever on its queue; _stream_chunk (and disconnect) await "
-        "that task, so the handler never reads again: no synthesize-stopped, and the connection "
-        "stays open (CLOSE-WAIT) after the client leaves - a client can exhaust "
-        "server.max_connections. Fix: wait with `await asyncio.wait({after})` (does not raise "
-        "for the other task's cancellation, propagates ours), or re-raise when "
-        "asyncio.current_task().cancelling()."
-    ),
-)
 def test_tts_stream_over_the_limit_while_speaking_does_not_hang() -> None:
+    """Found by this fuzzer (fixed in tts/handler.py): a stream cancelled while waiting for an
+    earlier answer swallowed its cancellation and hung the connection."""
     settings = make_settings(**{"tts.max_chars": 2000})
     server = ThreadServer(lambda: TtsService(make_context(settings)))
     long_answer = " ".join(f"Phrase numéro {n}." for n in range(1, 120))[:1990]
@@ -845,3 +832,31 @@ def test_tts_stream_over_the_limit_while_speaking_does_not_hang() -> None:
     assert received.count("synthesize-stopped") == 1, received.types()[-5:]
     errors = [e.data.get("code") for e in received.events if e.type == "error"]
     assert errors == ["text-too-long"], errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "handle/handler.py: try_admit() takes a slot, then the answer task is created; when the "
+        "connection ends before that task first runs (a transcript followed at once by bytes "
+        "the reader refuses, or by the client's end of stream), disconnect() cancels it before "
+        "it starts, so its `finally: service.release()` never runs. Each such request leaks "
+        "one of handle.queue_size slots; after queue_size of them every request gets 'busy' "
+        "forever. Fix: release in a done-callback of the task (or admit inside _answer)."
+    ),
+)
+def test_handle_request_cut_short_does_not_leak_a_slot() -> None:
+    settings = make_settings(
+        **{"handle.chain": [{"model": "smollm2-135m", "device": "cpu"}], "handle.max_tokens": 8}
+    )
+    server = ThreadServer(lambda: HandleService(make_context(settings)))
+    try:
+        for _ in range(settings.handle.queue_size + 1):
+            # One write: the server reads the garbage before the answer task ever runs.
+            transcript = Act("transcript", {"text": "Bonjour", "language": "fr"}).encoded()
+            cut_short = Act("raw", raw=transcript + b"garbage\n", fatal="bad-json")
+            case = Case([cut_short], [], Expect(fatal="bad-json"), Expect())
+            run_case(server.port, case, HANDLE_KINDS)
+        check_handle(server)
+    finally:
+        server.close()
