@@ -108,12 +108,8 @@ def summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark (``args.runs``, ``args.max_tokens``); the result that main() writes."""
     from llama_cpp import Llama
 
     context = make_context()
@@ -157,6 +153,16 @@ def main() -> int:
             else 0.0,
             "runs": rows,
         }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    result = run(args)
+    raw_summary = result["raw"]["median"]
     out = ROOT / "bench" / "results" / "handle_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")

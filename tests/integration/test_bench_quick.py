@@ -1,0 +1,99 @@
+"""``python -m bench --quick``: the benchmark harness runs and writes well-formed results.
+
+A smoke run, not a measurement: it asserts the shape of what the harness
+writes (JSON figures as ours/peer/ratio, the markdown table, non-empty PNG
+plots), never a speed. Peers are left out (``--no-peers``): building their
+venvs takes minutes, so the sections that need one must say they were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("bench")
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-peers", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return out, run
+
+
+def results(out: Path) -> dict[str, Any]:
+    found = list(out.glob("*.json"))
+    assert len(found) == 1, found
+    data: dict[str, Any] = json.loads(found[0].read_text("utf-8"))
+    return data
+
+
+def test_quick_run_succeeds(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    _, run = quick_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| section | figure |" in run.stdout
+
+
+def test_json_is_well_formed(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    data = results(quick_run[0])
+    assert data["schema"] == "superwhisper-bench/1"
+    assert data["quick"] is True
+    assert data["machine"]["cpus"] >= 1
+    sections = data["sections"]
+    assert sections["handle"]["status"] == "ok"
+    assert sections["e2e"]["status"] == "ok"
+    assert sections["asr"] == {"status": "skipped", "reason": "--no-peers"}
+    assert sections["tts"]["status"] == "skipped"
+    assert data["figures"], "no figures"
+    for row in data["figures"]:
+        assert set(row) == {"section", "name", "unit", "ours", "peer", "ratio", "better"}
+        assert row["better"] in ("lower", "higher")
+        assert row["ours"] is None or isinstance(row["ours"], (int, float))
+        if row["ours"] is not None and row["peer"]:
+            assert row["ratio"] == pytest.approx(row["ours"] / row["peer"], rel=0.01, abs=0.001)
+        else:
+            assert row["ratio"] is None
+    e2e = {row["name"]: row for row in data["figures"] if row["section"] == "e2e"}
+    first_audio = e2e["speech end → first audio p50"]
+    assert first_audio["ours"] is not None and first_audio["ours"] > 0
+    assert first_audio["peer"] is None  # no peers in this run
+    handle = [row for row in data["figures"] if row["section"] == "handle"]
+    assert all(row["peer"] is not None and row["peer"] > 0 for row in handle if row["unit"] == "s")
+
+
+def test_peak_rss_of_our_three_servers(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    data = results(quick_run[0])
+    rss = {row["name"]: row for row in data["figures"] if row["section"] == "rss"}
+    for service in ("asr", "handle", "tts"):
+        row = rss[f"{service} server peak RSS"]
+        assert row["unit"] == "MiB"
+        assert row["ours"] is not None and row["ours"] > 20  # a Python process with a model loaded
+
+
+def test_markdown_and_plots_exist(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out = quick_run[0]
+    data = results(out)
+    (markdown,) = out.glob("*.md")
+    text = markdown.read_text("utf-8")
+    assert "| section | figure | superwhisper | peer | ratio |" in text
+    assert "speech end → first audio p50" in text
+    assert {"e2e", "handle", "rss"} <= {name.rsplit("-", 1)[1].removesuffix(".png") for name in data["plots"]}
+    for name in data["plots"]:
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 1000
+        assert f"]({name})" in text
