@@ -226,6 +226,41 @@ async def chained(
     return timings
 
 
+# --- an independent client ----------------------------------------------------------------
+
+
+async def independent_client(
+    tool: Path | None, ports: dict[str, int], wavs: Sequence[tuple[str, str, Path]], work: Path
+) -> dict[str, str] | None:
+    """``wyoming-bench`` (PyPI, neither ours nor the peers') on both sides' ASR and TTS servers.
+
+    Its own client, its own timing: a check that our figures are not an
+    artefact of our client. Its report is kept as the text it prints.
+    """
+    if tool is None:
+        return None
+    corpus = work / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for index, (_, text, wav) in enumerate(wavs):
+        shutil.copy(wav, corpus / f"command_{index:02d}.wav")
+        (corpus / f"command_{index:02d}.txt").write_text(text + "\n", "utf-8")
+    answer = "It is twenty one degrees in the living room. Tomorrow will be sunny. Have a nice evening!"
+    commands = {
+        "stt": [str(tool), "stt", "--corpus", str(corpus), "--config", json.dumps({"language": "en"}),
+                "--rounds", "2", f"127.0.0.1:{ports['asr']}", f"127.0.0.1:{ports['peer_asr']}"],
+        "tts": [str(tool), "tts", "--texts", answer, "--rounds", "3",
+                f"127.0.0.1:{ports['tts']}", f"127.0.0.1:{ports['peer_tts']}"],
+    }  # fmt: skip
+    reports = {}
+    for name, command in commands.items():
+        run = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=False)
+        reports[name] = (
+            run.stdout + ("" if run.returncode == 0 else f"\n[exit {run.returncode}] {run.stderr}")
+        )[-12000:]
+        _LOGGER.info("wyoming-bench %s: exit %d", name, run.returncode)
+    return reports
+
+
 # --- the benchmark -------------------------------------------------------------------------
 
 
@@ -305,6 +340,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     _LOGGER.info(
                         "%s %r → first audio %.3f s", side, text, row["speech_end_to_first_audio"] or -1
                     )
+        independent = await independent_client(getattr(args, "wyoming_bench", None), ports, wavs, work)
     stages: dict[str, Any] = {}
     for stage in STAGES:
         per_side = {
@@ -330,6 +366,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "commands": [text for _, text in commands],
         "stages": stages,
         "runs": timings,
+        "wyoming_bench": independent,
     }
 
 
@@ -341,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu-threads", type=int, default=2)
     parser.add_argument("--peer-asr", type=Path, default=None, help="wyoming-faster-whisper's python")
     parser.add_argument("--peer-tts", type=Path, default=None, help="python of the wyoming-piper venv")
+    parser.add_argument("--wyoming-bench", type=Path, default=None, help="wyoming-bench to run on both")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

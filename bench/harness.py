@@ -315,6 +315,7 @@ def section_e2e(options: Options, pids: dict[str, int]) -> dict[str, Any]:
         peer_asr=asr_peer.python if with_peers else None,
         peer_tts=tts_peer.python if with_peers else None,
         pids=pids,
+        wyoming_bench=tts_peer.tool("wyoming-bench") if with_peers and not options.quick else None,
     )
     data = asyncio.run(e2e_bench.run(args))
     figures = []
@@ -380,6 +381,12 @@ def markdown(results: dict[str, Any], stem: str) -> str:
     for name, entry in results["sections"].items():
         if entry["status"] != "ok":
             lines.append(f"- {name}: {entry['status']} — {entry.get('reason', '')}")
+    independent = results["sections"].get("e2e", {}).get("detail", {}).get("wyoming_bench")
+    if independent:
+        lines += ["", "Independent client (`wyoming-bench`, ours first, then the peer):", ""]
+        for name, report in independent.items():
+            lines += [f"<details><summary>wyoming-bench {name}</summary>", "", "```", report.strip(), "```",
+                      "", "</details>", ""]  # fmt: skip
     lines.append("")
     for plot in results["plots"]:
         lines.append(f"![{plot}]({plot})")
