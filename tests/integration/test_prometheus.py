@@ -379,3 +379,13 @@ async def test_every_stage_the_server_reports_is_declared(prometheus: str, traff
 
     reported = await eventually(stages, "a stage of the tts server")
     assert reported <= set(STAGES["tts"]), f"stages not in STAGES['tts']: {reported - set(STAGES['tts'])}"
+
+
+async def test_tts_real_time_factor_reaches_prometheus(prometheus: str, traffic: Traffic) -> None:
+    """The dashboard's RTF panel reads this series: the TTS server must really record it."""
+
+    async def rtf() -> list[dict[str, object]] | None:
+        result = await query(prometheus, f'sum(superwhisper_tts_real_time_factor_count{{job="{JOB}"}})')
+        return result if result and float(result[0]["value"][1]) > 0 else None  # type: ignore[index]
+
+    assert await eventually(rtf, "superwhisper_tts_real_time_factor samples")

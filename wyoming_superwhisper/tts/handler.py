@@ -90,6 +90,7 @@ class _Response:
         failed = False
         worst_level = 0
         segments = 0
+        speak_seconds = audio_seconds = 0.0
         try:
             while True:
                 segment = await self._queue.get()
@@ -101,6 +102,7 @@ class _Response:
                     self.options, priority=(0.0 if segments == 0 else 1.0, self._started)
                 )
                 segments += 1
+                speak_started = time.monotonic()
                 try:
                     result = await service.speak(self.route, segment, options)
                 except AllLevelsFailed as error:
@@ -113,6 +115,8 @@ class _Response:
                     continue
                 worst_level = max(worst_level, result.level)
                 audio = result.value
+                speak_seconds += time.monotonic() - speak_started
+                audio_seconds += len(audio.pcm) / (SAMPLE_WIDTH * CHANNELS * audio.rate)
                 if not rate:
                     rate = audio.rate
                 audio = audio.resampled(rate)
@@ -127,7 +131,9 @@ class _Response:
                     rate = rate or service.native_rate(self.route)
                     await connection.write(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
                 await connection.write(AudioStop().event())
-                metrics.observe(service.name, "total", time.monotonic() - self._started, worst_level)
+                metrics.observe(service.name, "synthesis", time.monotonic() - self._started, worst_level)
+                if audio_seconds > 0:
+                    metrics.real_time_factor.labels(str(worst_level)).observe(speak_seconds / audio_seconds)
                 metrics.count(service.name, "fallback" if worst_level else "ok")
             if self.streaming:
                 await connection.write(SynthesizeStopped().event())
