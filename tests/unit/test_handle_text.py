@@ -105,6 +105,14 @@ def test_detect_language_of_a_request() -> None:
         ("oui oui oui", None),  # three times one word: allowed
         ("Il fait beau et il fait chaud.", None),
         ("a b c d a b c d a b c d", "a b c d a b c d"),
+        # SmolLM2 through `superwhisper serve`: a ten-word cycle (seen live, not caught at n ≤ 8)
+        (
+            "L'on est la famille. N'avons pas deux partes, que n'avons pas deux partes. "
+            "N'avons pas deux partes, que n'avons pas deux partes. "
+            "N'avons pas deux partes, que n'avons pas deux partes.",
+            "N'avons pas deux partes, que n'avons pas deux partes. "
+            "N'avons pas deux partes, que n'avons pas deux partes.",
+        ),
     ],
 )
 def test_loop_start(text: str, loops_from: str | None) -> None:

@@ -171,7 +171,7 @@ def wrong_language(text: str, wanted: str | None) -> str | None:
     return None
 
 
-def loop_start(text: str, *, max_n: int = 8, repeats: int = 3) -> int | None:
+def loop_start(text: str, *, max_n: int = 16, repeats: int = 3) -> int | None:
     """Where a degenerate repetition begins (char index of its 2nd occurrence), or None.
 
     A loop is the same n-gram (2 ≤ n ≤ ``max_n`` words) ``repeats`` times in a
