@@ -365,10 +365,18 @@ async def run_pipeline(
         synth_voice = SynthesizeVoice(name=voice) if voice else None
         async with _connect("tts", tts_uri, timeout_s) as client:
             if tts_streaming:
-                await client.write_event(SynthesizeStart(voice=synth_voice).event())
-                while (piece := await answer_queue.get()) is not None:
-                    await client.write_event(SynthesizeChunk(text=piece).event())
-                await client.write_event(SynthesizeStop().event())
+                # Read audio while text is still being written: the first sentence's audio
+                # comes back long before the answer ends, and that moment is what we time.
+                collecting = asyncio.create_task(_collect_audio(client), name="pipeline-audio")
+                try:
+                    await client.write_event(SynthesizeStart(voice=synth_voice).event())
+                    while (piece := await answer_queue.get()) is not None:
+                        await client.write_event(SynthesizeChunk(text=piece).event())
+                    await client.write_event(SynthesizeStop().event())
+                    await collecting
+                finally:
+                    collecting.cancel()
+                return
             else:
                 pieces = []
                 while (piece := await answer_queue.get()) is not None:

@@ -252,6 +252,9 @@ async def test_streaming_pipeline_forwards_answer_chunks_into_streaming_tts(
         fake(tts_script(streaming=True)) as tts,
     ):
         timings = await run_pipeline(stereo_wav, out, asr.uri, handle.uri, tts.uri, realtime=False)
+    # Audio is read while the answer is still being written (first audio before the answer ends).
+    assert timings.first_audio is not None and timings.answer_done is not None
+    assert timings.first_audio < timings.answer_done
 
     # ASR got transcribe(fr), 16 kHz mono s16 in 20 ms chunks, then audio-stop
     assert asr.received[0].type == "transcribe" and asr.received[0].data.get("language") == "fr"
