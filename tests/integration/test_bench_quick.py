@@ -97,3 +97,22 @@ def test_markdown_and_plots_exist(quick_run: tuple[Path, subprocess.CompletedPro
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size > 1000
         assert f"]({name})" in text
+
+
+def test_render_redoes_the_same_table(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """``--render`` rebuilds figures from the stored measurements alone: the same figures."""
+    out = quick_run[0]
+    before = results(out)
+    (path,) = out.glob("*.json")
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--render", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = results(out)
+    assert after["figures"] == before["figures"]
+    assert after["plots"] == before["plots"]
