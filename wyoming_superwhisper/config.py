@@ -168,6 +168,9 @@ class HandleSettings:
     """Exchanges kept per conversation."""
     memory_ttl_s: float = 900.0
     """A conversation idle for this long is forgotten, in seconds."""
+    first_token_timeout_s: float = 10.0
+    """A level that streams nothing for this long is taken as hung and the next level answers
+    with the rest of ``timeout_s``, in seconds; 0: a level may use the whole budget."""
     memory: str = "local"
     """Where conversations live: ``local`` (this process) or a ``redis://`` URL shared by
     replicas (Kubernetes spreads Home Assistant's connections over pods)."""
@@ -289,9 +292,13 @@ def load_settings(
     sources: dict[str, str] = {}
     env = os.environ if environ is None else environ
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
+        if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if "." not in key and key not in _TOP_LEVEL_ENV_KEYS:
+            # Not a settings key: SUPERWHISPER_CONFIG, SUPERWHISPER_MODELS_DIR (the registry's),
+            # test and benchmark knobs. Settings always name a section, SECTION__KEY.
+            continue
         value = _parse_scalar(env[name], name)
         _set_dotted(tree, key, value)
         sources[key] = f"environment {name}"
@@ -303,8 +310,8 @@ def load_settings(
     return _build(Settings, tree, "", _SourceMap(path, sources))
 
 
-_ENV_NOT_SETTINGS = {"SUPERWHISPER_CONFIG"}
-"""Variables with the prefix that are not settings keys (read by the CLI itself)."""
+_TOP_LEVEL_ENV_KEYS = {"log_level"}
+"""Top-level settings that a single-word variable may set (``SUPERWHISPER_LOG_LEVEL``)."""
 
 
 class _SourceMap:

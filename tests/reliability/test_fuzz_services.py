@@ -628,7 +628,7 @@ def test_handle_survives_fuzzed_event_sequences(handle_server: ThreadServer) -> 
     accepted = [0]
 
     @FUZZ_SETTINGS
-    # No refused bytes after a transcript until the slot leak below is fixed.
+    # Refused bytes right after a transcript: test_handle_request_cut_short_does_not_leak_a_slot.
     @given(case=cases(handle_actions, handle_model, HANDLE_FINAL, max_actions=5, no_fatal_after="transcript"))
     def one(case: Case) -> None:
         final = run_case(handle_server.port, case, HANDLE_KINDS)
@@ -806,16 +806,6 @@ def test_tts_survives_fuzzed_event_sequences(tts_server: ThreadServer) -> None:
 # --- found by the fuzzer, pinned ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "runtime/limits.finite_number calls math.isfinite on an int, which raises OverflowError "
-        "for integers beyond float range (e.g. rate 10**400, valid JSON): handle_event raises a "
-        "non-ProtocolViolation exception, the connection closes with no error event. Fix: in "
-        "finite_number, convert with float() inside try/except OverflowError → ProtocolViolation "
-        "bad-value (or compare ints to the bounds before math.isfinite)."
-    ),
-)
 @plain_failure
 def test_integer_beyond_float_range_is_a_bad_value(asr_server: ThreadServer) -> None:
     acts = [Act("audio-start", {"rate": 10**400})]
@@ -855,17 +845,6 @@ def test_tts_stream_over_the_limit_while_speaking_does_not_hang() -> None:
     assert errors == ["text-too-long"], errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "handle/handler.py: try_admit() takes a slot, then the answer task is created; when the "
-        "connection ends before that task first runs (a transcript followed at once by bytes "
-        "the reader refuses, or by the client's end of stream), disconnect() cancels it before "
-        "it starts, so its `finally: service.release()` never runs. Each such request leaks "
-        "one of handle.queue_size slots; after queue_size of them every request gets 'busy' "
-        "forever. Fix: release in a done-callback of the task (or admit inside _answer)."
-    ),
-)
 @plain_failure
 def test_handle_request_cut_short_does_not_leak_a_slot() -> None:
     settings = make_settings(

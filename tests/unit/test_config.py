@@ -129,3 +129,14 @@ def test_cli_set_flag_needs_key_value() -> None:
     result = run_cli("doctor", "--no-smoke", "--set", "asr.beam_size")
     assert result.returncode == 2
     assert "KEY=VALUE" in result.stderr
+
+
+def test_prefixed_variables_that_are_not_settings_are_left_alone() -> None:
+    settings = load_settings(
+        environ={
+            "SUPERWHISPER_MODELS_DIR": "/srv/models",
+            "SUPERWHISPER_CONFIG": "/etc/x.yaml",
+            "SUPERWHISPER_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.log_level == "DEBUG"

@@ -55,6 +55,9 @@ class HandleHandler(EventHandler):
             self._task = asyncio.create_task(
                 self._answer(text, language, context), name=f"handle-answer {self.connection.peer}"
             )
+            # Released when the task ends in any way, even cancelled before it first ran
+            # (a client that hangs up at once): a slot must never leak.
+            self._task.add_done_callback(lambda _task: self.service.release())
             return True
         _LOGGER.debug("handle %s: ignoring event %s", self.connection.peer, event.type)
         return True
@@ -125,8 +128,6 @@ class HandleHandler(EventHandler):
             )
         except (ConnectionError, _ClientGone):
             _LOGGER.info("handle %s: client gone before the answer ended", self.connection.peer)
-        finally:
-            service.release()
 
     async def _send(self, event: Event) -> None:
         try:

@@ -389,10 +389,19 @@ class HandleService(WyomingService):
                     state.first_chunk_at = loop.time()
                 await on_chunk(piece)
 
+        # A level that says nothing at all for first_token_timeout_s is hung: give the rest
+        # of the budget to the next level instead of spending all of it here.
+        first_token_s = self.settings.first_token_timeout_s
+        waiting_first = first_token_s > 0 and loop.time() + first_token_s < deadline
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(
+                loop.time() + first_token_s if waiting_first else deadline
+            ) as time_limit:
                 async with contextlib.aclosing(engine.stream(request)) as stream:
                     async for delta in stream:
+                        if waiting_first:
+                            waiting_first = False
+                            time_limit.reschedule(deadline)
                         state.raw += delta.text
                         if delta.text:
                             state.tokens += 1

@@ -128,8 +128,14 @@ def finite_number(data: dict[str, Any], key: str, default: float, low: float, hi
     value = data.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolViolation("bad-value", f"'{key}' must be a number, got {value!r}")
-    if not low <= value <= high:
+    try:
+        number = float(value)  # an int beyond float range (10**400 is valid JSON) overflows here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ProtocolViolation("bad-value", f"'{key}' must be a finite number, got {str(value)[:40]}")
+    if not low <= number <= high:
         raise ProtocolViolation("bad-value", f"'{key}' must be between {low:g} and {high:g}, got {value!r}")
-    return float(value)
+    return number
