@@ -234,15 +234,16 @@ def asr_entry(data: dict[str, Any]) -> dict[str, Any]:
             )
         )
     fast = data["fast"]
-    figures.append(
-        figure(
-            "asr",
-            "as fast as possible: total, vs raw WhisperModel.transcribe (peer = raw)",
-            "s",
-            fast["ours_total"]["p50_s"],
-            fast["raw_default_options"]["p50_s"],
+    for options, label in (("raw_default_options", "default"), ("raw_same_options", "same")):
+        figures.append(
+            figure(
+                "asr",
+                f"as fast as possible: total p50; peer = raw WhisperModel.transcribe, {label} decode options",
+                "s",
+                fast["ours_total"]["p50_s"],
+                fast[options]["p50_s"],
+            )
         )
-    )
     return {"figures": figures, "distributions": distributions, "peer": data["peer"], "detail": data}
 
 
@@ -274,6 +275,11 @@ def tts_entry(data: dict[str, Any]) -> dict[str, Any]:
         if not clients4:
             figures.append(figure("tts", f"{key}: real-time factor p50", "", ours[key]["rtf"]["p50"],
                                   peer[key]["rtf"]["p50"]))  # fmt: skip
+        text_name = key.split("/")[0]
+        if key.endswith("/synthesize") and text_name in data.get("raw_piper", {}):
+            raw = data["raw_piper"][text_name]["total_s"]["p50"]
+            name = f"{key}: total p50; peer = raw PiperVoice.synthesize"
+            figures.append(figure("tts", name, "s", ours[key]["total_s"]["p50"], raw))
         bars[key] = {
             "ours": {"p50": ours[key]["first_audio_s"]["p50"], "p95": ours[key]["first_audio_s"]["p95"]},
             "peer": {"p50": peer[key]["first_audio_s"]["p50"], "p95": peer[key]["first_audio_s"]["p95"]},
@@ -350,6 +356,19 @@ def e2e_entry(data: dict[str, Any]) -> dict[str, Any]:
         label = stage.replace("_to_", " → ").replace("_", " ")
         figures.append(figure("e2e", f"{label} p50", "s", ours, peer))
         distributions[stage] = entry["values"]
+    first_audio = data["stages"]["speech_end_to_first_audio"]
+    tail = data["tail_s"]
+    figures.append(
+        figure(
+            "e2e",
+            f"end of speech in the audio → first audio p50 (incl. the {tail:g} s silence before audio-stop)",
+            "s",
+            None if first_audio["ours"].get("p50_s") is None else first_audio["ours"]["p50_s"] + tail,
+            None if first_audio.get("peer", {}).get("p50_s") is None else first_audio["peer"]["p50_s"] + tail,
+        )
+    )
+    for rows in parse_wyoming_bench(data.get("wyoming_bench") or {}).values():
+        figures.extend(rows)
     return {
         "figures": figures,
         "distributions": distributions,
@@ -357,6 +376,47 @@ def e2e_entry(data: dict[str, Any]) -> dict[str, Any]:
         "title": "e2e: superwhisper streaming all the way vs the peers chained without streaming",
         "detail": data,
     }
+
+
+def parse_wyoming_bench(reports: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """Figures from wyoming-bench's summary tables (ours is the first server it was given).
+
+    STT: mean total time and WER, non-streaming; TTS: mean time to first audio and
+    mean total, non-streaming. Rows it did not print stay out.
+    """
+    wanted = {
+        "stt": (("Total_mean", "mean total", "ms"), ("WER", "WER", "%")),
+        "tts": (("TTFT_mean", "mean first audio", "ms"), ("Total_mean", "mean total", "ms")),
+    }
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, report in reports.items():
+        servers = re.search(r"^servers:\s+\[(.*)\]$", report, re.MULTILINE)
+        block = re.search(r"Summary.*?\[non_streaming\]\n(.*?)(?:\n\n|\Z)", report, re.DOTALL)
+        if name not in wanted or not servers or not block:
+            continue
+        order = [item.strip(" '\"") for item in servers.group(1).split(",")]
+        header, *lines = block.group(1).splitlines()
+        columns = header.split()[1:]  # after "server"
+        values: dict[str, dict[str, str]] = {}
+        for line in lines:
+            address, _, rest = line.strip().partition(" ")
+            cells = rest.split(")", 1)[-1].split()
+            values[address] = dict(zip(columns, cells, strict=False))
+        if len(order) < 2 or order[0] not in values or order[1] not in values:
+            continue
+        rows = []
+        for column, label, unit in wanted[name]:
+            ours, peer = values[order[0]].get(column, ""), values[order[1]].get(column, "")
+            try:
+                pair = [float(v.rstrip("%")) / (1000 if unit == "ms" else 100) for v in (ours, peer)]
+            except ValueError:
+                continue
+            rows.append(
+                figure(f"wyoming-bench {name}", f"{label}, non-streaming (independent client)",
+                       "s" if unit == "ms" else "", pair[0], pair[1])
+            )  # fmt: skip
+        out[name] = rows
+    return out
 
 
 # --- output --------------------------------------------------------------------------------

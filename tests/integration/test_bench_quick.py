@@ -116,3 +116,58 @@ def test_render_redoes_the_same_table(quick_run: tuple[Path, subprocess.Complete
     after = results(out)
     assert after["figures"] == before["figures"]
     assert after["plots"] == before["plots"]
+
+
+# --- the harness's pure parts (no models) ------------------------------------------------
+
+STT_REPORT = """wyoming-bench 2026.10.0 (stt)
+servers: ['127.0.0.1:37773', '127.0.0.1:41491']
+==============================================================================
+Summary (lower is better)
+==============================================================================
+
+[non_streaming]
+  server                              ok      WER      CER     SAR  Total_mean   TTFT_p95  RTF_mean
+  127.0.0.1:37773 (superwhisper-asr)   8    13.6%     5.3%   25.0%       263.4      286.7      0.10
+  127.0.0.1:41491 (faster-whisper)     8    20.0%     5.3%   25.0%       740.3        n/a      0.30
+
+[streaming]
+  server                              ok      WER      CER     SAR  Total_mean   TTFT_p95  RTF_mean
+  127.0.0.1:37773 (superwhisper-asr)   8    13.6%     5.3%   25.0%       264.5      283.3      0.11
+"""
+
+
+def test_wyoming_bench_summary_becomes_figures() -> None:
+    from bench.harness import parse_wyoming_bench
+
+    rows = {row["name"]: row for row in parse_wyoming_bench({"stt": STT_REPORT})["stt"]}
+    total = rows["mean total, non-streaming (independent client)"]
+    assert (total["ours"], total["peer"]) == (pytest.approx(0.2634), pytest.approx(0.7403))
+    assert total["unit"] == "s"
+    wer = rows["WER, non-streaming (independent client)"]
+    assert (wer["ours"], wer["peer"]) == (pytest.approx(0.136), pytest.approx(0.2))
+    assert parse_wyoming_bench({"stt": "wyoming-bench crashed"}) == {}
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "label"),
+    [
+        ("/x/.venv-peer-asr/bin/python -m wyoming_faster_whisper --uri tcp://127.0.0.1:1", "asr/peer"),
+        ("/x/.venv-peer-tts/bin/python -m wyoming_piper --voice joe", "tts/peer"),
+        ("/w/.venv/bin/python /w/bench/asr_bench.py --serve-ours --port 5", "asr/ours"),
+        ("/w/.venv/bin/python -m wyoming_superwhisper handle --uri tcp://127.0.0.1:2", "handle/ours"),
+        ("/w/.venv/bin/python -m wyoming_superwhisper tts --uri tcp://127.0.0.1:3", "tts/ours"),
+        ("/w/.venv/bin/python -m pytest tests", None),
+    ],
+)
+def test_server_processes_are_recognised(cmdline: str, label: str | None) -> None:
+    from bench.harness import classify
+
+    assert classify(cmdline) == label
+
+
+def test_word_error_rate() -> None:
+    from bench.harness import wer
+
+    assert wer(["Allume la lumière du salon."], ["allume la lumière du salon"]) == 0.0
+    assert wer(["Ferme les volets"], ["Ferme des volets de"]) == pytest.approx(2 / 3)
