@@ -262,6 +262,9 @@ async def test_four_clients_at_once_each_get_their_own_words(
     )
     texts = [transcribe(whisper, pcm, rate, "en") for rate, pcm in map(pcm_of, answers)]
     assert wer(ENGLISH, texts, "en") <= ENGLISH_MAX_WER, texts
+    # The queue-depth gauge went up with the four answers and is back to zero after them.
+    registry = running[0].context.metrics.registry
+    assert registry.get_sample_value("superwhisper_queue_depth", {"service": "tts"}) == 0
 
 
 async def test_describe_answers_while_a_long_text_is_synthesized(

@@ -339,4 +339,9 @@ class TtsService(WyomingService):
         async def call(engine: TtsEngine) -> Audio:
             return await engine.synthesize(spoken, options)
 
-        return await route.chain.run(call, quality_gate=gate, levels=route.levels)
+        depth = self.context.metrics.queue_depth.labels(self.name)
+        depth.inc()  # segments in the voices' hands (one speaking per voice, the rest waiting)
+        try:
+            return await route.chain.run(call, quality_gate=gate, levels=route.levels)
+        finally:
+            depth.dec()
