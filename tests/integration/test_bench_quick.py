@@ -18,11 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytest.importorskip("matplotlib")
-
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    pytest.importorskip("matplotlib")  # the plots; in the project's `bench` extra
     out = tmp_path_factory.mktemp("bench")
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--no-peers", "--out", str(out)],
