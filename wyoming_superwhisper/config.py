@@ -168,9 +168,11 @@ class HandleSettings:
     """Exchanges kept per conversation."""
     memory_ttl_s: float = 900.0
     """A conversation idle for this long is forgotten, in seconds."""
-    first_token_timeout_s: float = 10.0
+    first_token_timeout_s: float = 0.0
     """A level that streams nothing for this long is taken as hung and the next level answers
-    with the rest of ``timeout_s``, in seconds; 0: a level may use the whole budget."""
+    with the rest of ``timeout_s``, in seconds; 0 (default): a level may use the whole budget.
+    Waiting for a model another request holds counts too, so set it above the longest queue
+    wait you expect (``queue_size`` × a typical answer)."""
     memory: str = "local"
     """Where conversations live: ``local`` (this process) or a ``redis://`` URL shared by
     replicas (Kubernetes spreads Home Assistant's connections over pods)."""
