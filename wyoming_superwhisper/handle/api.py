@@ -80,10 +80,24 @@ class OpenAIApi:
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             return _error(400, "'messages' must be a non-empty list of objects", "invalid_request_error")
+        # Checked here: a malformed message fails in the model's chat template, which would
+        # count as a failure of the model (a 503, and enough of them open its circuit).
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if not isinstance(role, str) or not role or not isinstance(content, (str, list, type(None))):
+                return _error(
+                    400,
+                    "each message needs a 'role' and a text (or parts) 'content'",
+                    "invalid_request_error",
+                )
+        # null or left out (an assistant's tool calls): empty text, which every template takes
+        messages = [{**m, "content": m.get("content") or ""} for m in messages]
         total = sum(len(str(m.get("content") or "")) for m in messages)
         if total > self.settings.max_chars * max(1, self.settings.memory_turns * 2 + 2):
             return _error(400, "conversation too long", "context_length_exceeded")
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:  # not ``or``: an explicit 0 is a bad value, not "the default"
+            max_tokens = body.get("max_completion_tokens")
         if max_tokens is not None and (
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
         ):
