@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import threading
 import time
 import warnings
@@ -49,7 +48,9 @@ from .support import (
 
 pytestmark = [pytest.mark.slow, requires_espeak]
 
-REQUESTS = env_int("SUPERWHISPER_SOAK_REQUESTS", 150 if os.environ.get("CI") else 1000)
+REQUESTS = env_int("SUPERWHISPER_SOAK_REQUESTS", 150)
+"""150 in the suite (CI and a developer's run alike); the 1,000-request soak of issue 8 is
+``SUPERWHISPER_SOAK_REQUESTS=1000 pytest tests/reliability/test_soak.py --timeout 1800``."""
 WARMUP = 30
 MAX_RSS_GROWTH = 0.05
 WAIT_S = 120.0
