@@ -8,7 +8,6 @@ collide. GPU series come from NVML and are absent, not faked, without a GPU.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -192,7 +191,3 @@ class _GpuCollector(Collector):
             family.add_metric(values, value)
             yield family
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (for benchmarks and the doctor)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
