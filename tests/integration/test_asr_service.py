@@ -384,6 +384,27 @@ async def test_over_long_audio_is_refused(
     assert "capitale" in normalize(after.text or "")
 
 
+async def test_endpointing_with_no_speech_ends_in_an_empty_transcript(
+    shared: Callable[[], list[AsrEngine]], speech: Callable[..., np.ndarray]
+) -> None:
+    """With server-side endpointing the client never sends ``audio-stop``: a stream in which
+    nobody speaks for ``asr.max_seconds`` is silence (empty transcript), not an error."""
+    silence = pcm_bytes(np.zeros(int(7.0 * RATE), np.int16))
+    async with running(shared(), endpointing_s=0.8, max_seconds=5.0) as (service, server):
+        exchange = await transcribe(
+            server.port or 0, silence, send_stop=False, final=("transcript-stop", "error")
+        )
+        assert service.decodes == 0  # nothing heard, nothing decoded
+        # ...and the same server still hears the next speaker.
+        after = await transcribe(
+            server.port or 0, pcm_bytes(padded(speech(FRENCH[4]), after_s=1.5)), send_stop=False,
+            final=("transcript-stop", "error"),
+        )  # fmt: skip
+    assert exchange.error is None and exchange.text == ""
+    assert exchange.types.count("transcript") == 1
+    assert "capitale" in normalize(after.text or "")
+
+
 @pytest.mark.parametrize(("rate", "width", "channels"), [(8000, 2, 2), (16000, 3, 1), (48000, 4, 2)])
 async def test_any_input_format(
     shared: Callable[[], list[AsrEngine]],

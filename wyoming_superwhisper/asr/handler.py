@@ -174,6 +174,15 @@ class AsrHandler(EventHandler):
         self._append(utterance, samples)
         if utterance.samples <= self.settings.max_seconds * TARGET_RATE:
             return True
+        if utterance.final is not None:
+            utterance.chunks = []  # the endpoint is answering: later audio is not part of it
+            return False
+        if self.settings.endpointing_s > 0 and utterance.tracker.span is None:
+            # The server ends the utterance (endpointing) and nobody spoke for asr.max_seconds:
+            # that is silence, answered as silence is (an empty transcript), not an error.
+            utterance.chunks = []
+            utterance.final = self._spawn(utterance, self._finish(utterance, "endpoint", time.monotonic()))
+            return False
         self._cancel_tasks(utterance)
         utterance.answered = True
         utterance.chunks = []
