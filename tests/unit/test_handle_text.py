@@ -26,12 +26,22 @@ NOW = dt.datetime(2026, 11, 24, 9, 5)
 
 
 def test_system_prompt_is_french_with_name_date_and_language() -> None:
-    prompt = system_prompt("Jarvis", "en", NOW)
+    prompt = system_prompt("Jarvis", "fr-FR", NOW)
     assert "Tu es Jarvis" in prompt
     assert "mardi 24 novembre 2026, 9 h 05" in prompt
-    assert "Réponds en anglais" in prompt
+    assert "Réponds en français" in prompt
     assert "markdown" in prompt and "emoji" in prompt
-    assert "Réponds en français" in system_prompt("Jarvis", "fr-FR", NOW)
+    assert "Réponds en allemand" in system_prompt("Jarvis", "de", NOW)  # French words, the language named
+    assert "Réponds en français" in system_prompt("Jarvis", "", NOW)
+
+
+def test_system_prompt_is_english_for_an_english_request() -> None:
+    """Small models follow the language of the instructions, not what the instructions say."""
+    prompt = system_prompt("Jarvis", "en-US", NOW)
+    assert "You are Jarvis" in prompt
+    assert "Tuesday 24 November 2026, 9:05" in prompt
+    assert "Answer in English" in prompt and "markdown" in prompt
+    assert "Réponds" not in prompt
 
 
 def test_system_prompt_override_fills_placeholders() -> None:

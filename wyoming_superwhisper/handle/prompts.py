@@ -19,6 +19,12 @@ _MONTHS_FR = (
     "juillet", "août", "septembre", "octobre", "novembre", "décembre",
 )  # fmt: skip
 
+_DAYS_EN = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS_EN = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
 LANGUAGE_NAMES_FR = {"fr": "français", "en": "anglais", "de": "allemand", "es": "espagnol", "it": "italien"}
 
 APOLOGIES = {
@@ -45,24 +51,39 @@ def french_datetime(now: dt.datetime) -> str:
     )
 
 
+def english_datetime(now: dt.datetime) -> str:
+    """``Tuesday 24 November 2026, 9:27`` (spelled out here: ``%A`` follows the process locale)."""
+    day, month = _DAYS_EN[now.weekday()], _MONTHS_EN[now.month - 1]
+    return f"{day} {now.day} {month} {now.year}, {now.hour}:{now.minute:02d}"
+
+
 def system_prompt(
     assistant_name: str, language: str, now: dt.datetime, override: str = ""
 ) -> str:
-    """The voice assistant's instructions, in French whatever the user's language.
+    """The voice assistant's instructions: in English for an English request, else in French.
 
-    The model is told the language to answer in by name, because small models
-    follow the language of the *instructions* unless told otherwise.
+    Small models answer in the language of the *instructions* whatever they are
+    told (SmolLM2-135M answered English questions in French under a French
+    prompt), so an English request gets English instructions; any other
+    language gets the French ones, which name the language to answer in.
     ``override`` (``handle.system_prompt``) replaces the built-in text; it may use
-    ``{name}``, ``{date}`` and ``{language}``.
+    ``{name}``, ``{date}`` and ``{language}`` (the date and language in French).
     """
     lang = base_language(language) or "fr"
     language_name = LANGUAGE_NAMES_FR.get(lang, lang)
-    date = french_datetime(now)
     if override:
-        return override.format(name=assistant_name, date=date, language=language_name)
+        return override.format(name=assistant_name, date=french_datetime(now), language=language_name)
+    if lang == "en":
+        return (
+            f"You are {assistant_name}, a smart home voice assistant. "
+            f"Today is {english_datetime(now)}. "
+            "Answer in English, in one or two short sentences meant to be spoken aloud. "
+            "Use no markdown, no emoji, no lists, no headings. "
+            "If you do not know, just say so."
+        )
     return (
         f"Tu es {assistant_name}, un assistant vocal de maison connectée. "
-        f"Nous sommes le {date}. "
+        f"Nous sommes le {french_datetime(now)}. "
         f"Réponds en {language_name}, en une ou deux phrases courtes, faites pour être dites "
         "à voix haute. N'utilise ni markdown, ni emoji, ni liste, ni titre. "
         "Si tu ne sais pas, dis-le simplement."
