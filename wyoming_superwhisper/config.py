@@ -181,7 +181,9 @@ class HandleSettings:
     carries no conversation id (Home Assistant 2025.4), in seconds; 0: no memory then."""
     stream_holdback_chars: int = 32
     """Characters of the answer held back while streaming, so the quality gate can reject
-    a bad start (and trim a loop) before it is sent; 0: every token goes out at once."""
+    a bad start (and trim a loop) before it is sent; 0: every token goes out at once. The
+    last level of the chain has nothing to fall back to: its first word goes out at once,
+    the holdback then only trims loops."""
     queue_size: int = 4
     """Requests in flight at most (generating or waiting for a model); more get ``busy``."""
     failure_threshold: int = 3
@@ -224,6 +226,9 @@ class TtsSettings:
     """Speaking speed of every voice (>1 slower): Piper's length scale; espeak-ng's words
     per minute (150) are divided by it. A level's ``options.length_scale`` multiplies it."""
     timeout_s: float = 30.0
+    queue_size: int = 8
+    """Answers in flight at most, over all connections (speaking or waiting for a voice);
+    more get ``busy`` at once instead of hearing their answer seconds late."""
     failure_threshold: int = 3
     cooldown_s: float = 30.0
 

@@ -645,7 +645,7 @@ def test_handle_survives_fuzzed_event_sequences(handle_server: ThreadServer) -> 
     service = handle_server.service
     assert isinstance(service, HandleService)
     # The slot is released just after handled-stop is written: give it a moment, bounded.
-    assert handle_server.wait_until(lambda: service._in_flight == 0, 10.0), "a request slot leaked"
+    assert handle_server.wait_until(lambda: service.in_flight.count == 0, 10.0), "a request slot leaked"
     print(f"handle fuzz: {done[0]} cases, {accepted[0]} well-formed transcripts")
 
 

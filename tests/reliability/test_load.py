@@ -148,7 +148,8 @@ async def test_tts_sixteen_clients_nothing_lost() -> None:
         ("La lumière de la cuisine est allumée.", "fr", 1.2, 6.0),
         ("The garage door is closed.", "en", 0.8, 5.0),
     ]
-    async with serving(TtsService(make_context())) as server:
+    settings = make_settings(**{"tts.queue_size": CLIENTS})
+    async with serving(TtsService(make_context(settings))) as server:
         assert server.port is not None
         port = server.port
 
@@ -226,11 +227,15 @@ async def test_handle_over_the_queue_gets_busy_at_once() -> None:
     busy_arrived_before_the_last_result(outcomes)
 
 
-async def test_tts_over_the_connection_cap_gets_busy_at_once() -> None:
-    """TTS has no request queue setting: the connection cap is what turns clients away."""
-    settings = make_settings(**{"server.max_connections": 4})
+@pytest.mark.parametrize(
+    ("cap", "settings"),
+    [("connection cap", {"server.max_connections": 4}), ("answer queue", {"tts.queue_size": 3})],
+)
+async def test_tts_over_the_cap_gets_busy_at_once(cap: str, settings: dict[str, Any]) -> None:
+    """Two caps turn TTS clients away: connections (``server.max_connections``) and answers
+    in flight over all connections (``tts.queue_size``)."""
     text = " ".join(["Bonjour, ceci est une longue phrase pour occuper la voix un moment."] * 4)
-    async with serving(TtsService(make_context(settings))) as server:
+    async with serving(TtsService(make_context(make_settings(**settings)))) as server:
         assert server.port is not None
         port = server.port
 
@@ -244,5 +249,9 @@ async def test_tts_over_the_connection_cap_gets_busy_at_once() -> None:
             return "ok", time.perf_counter()
 
         outcomes = await gather_clients(client)
-    print(f"\ntts over the connection cap: {sum(k == 'busy' for k, _ in outcomes)} busy of {CLIENTS}")
+        # Every answer slot was given back: the next client is served.
+        again = encode("synthesize", {"text": "Bonjour."})
+        received, _s = await request(port, again, ("audio-stop", "error"))
+        assert received.events[-1].type == "audio-stop", received.events[-1]
+    print(f"\ntts over the {cap}: {sum(k == 'busy' for k, _ in outcomes)} busy of {CLIENTS}")
     busy_arrived_before_the_last_result(outcomes)

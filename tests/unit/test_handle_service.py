@@ -230,6 +230,32 @@ async def test_events_in_order_and_chunks_make_the_final_text(serve: Any, holdba
         assert types.count("handled-chunk") >= 4
 
 
+async def test_last_level_releases_its_first_word_at_once_others_wait_for_the_gate(serve: Any) -> None:
+    """The holdback is for the gate: a level that could still be rejected holds back
+    32 characters; the last level, which nothing can replace, sends its first word at once."""
+    holdback = {"handle.stream_holdback_chars": 32}
+    alone = ScriptedEngine("alone", FRENCH)
+    async with serve(service_with([alone], **holdback)) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    first = next(e.data["text"] for e in events if e.type == "handled-chunk")
+    assert first == "Il"
+    assert chunks_of(events) == final_of(events)
+
+    primary, spare = ScriptedEngine("primary", FRENCH), ScriptedEngine("spare", FRENCH)
+    async with serve(service_with([primary, spare], **holdback)) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    first = next(e.data["text"] for e in events if e.type == "handled-chunk")
+    # Released only once more than 32 characters were written: the gate read them first.
+    assert len("".join(FRENCH[:7])) > 32 and first.startswith("Il fait") and len(first) > 1
+    assert chunks_of(events) == final_of(events) and spare.requests == []
+
+    # A list marker may still be taken back by the cleaner: not released as a first word.
+    listed = ScriptedEngine("listed", ["1", ". ", "Il ", "fait ", "beau."])
+    async with serve(service_with([listed], **holdback)) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    assert final_of(events) == "Il fait beau." and chunks_of(events) == final_of(events)
+
+
 async def test_wrong_language_start_falls_to_next_level_unseen(serve: Any) -> None:
     english, french = ScriptedEngine("en", ENGLISH), ScriptedEngine("fr", FRENCH)
     service = service_with([english, french], **{"handle.stream_holdback_chars": 32})
@@ -390,7 +416,7 @@ async def test_disconnect_mid_stream_stops_the_engine(serve: Any) -> None:
             await asyncio.sleep(0.05)
         assert slow.closed_early
         assert slow.produced < 203
-        assert service._in_flight == 0
+        assert service.in_flight.count == 0
 
 
 async def test_queue_limit_answers_busy(serve: Any) -> None:

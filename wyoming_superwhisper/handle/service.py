@@ -14,7 +14,9 @@ generation and the held-back repetition is dropped, a timeout or an engine
 failure ends the answer where it is (cut back to the last sentence end, or
 closed with "…"). So the chunks a client receives always concatenate to the
 final text. On the last level a loop is trimmed rather than rejected and the
-language is not checked: a short or foreign answer beats an apology.
+language is not checked: a short or foreign answer beats an apology. So the
+last level has no gate to wait for: its first word is released at once, and
+the holdback then only keeps a loop's repetition out of what is said.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ from ..runtime.fallback import (
     Outcome,
     QualityRejected,
 )
+from ..runtime.limits import InFlight
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
 from .conversation import build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
@@ -60,6 +64,8 @@ ChunkSink = Callable[[str], Awaitable[None]]
 SEND_MARGIN_S = 0.5
 """Kept from ``handle.timeout_s`` to send the final events once generation stops."""
 PROMPTS_KEPT = 256
+_STARTS_WITH_A_WORD = re.compile(r"[^\W\d_]")
+"""A letter first: no list marker or heading that the cleaner could still take back."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ class HandleService(WyomingService):
             raise ConfigError("handle.memory", "configuration", str(error)) from error
         self._clock = clock
         self._prompts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
-        self._in_flight = 0
+        self.in_flight = InFlight(self.settings.queue_size, context.metrics.queue_depth.labels(self.name))
         self._api: Any = None
 
     # -- WyomingService ------------------------------------------------------------
@@ -291,15 +297,10 @@ class HandleService(WyomingService):
 
     def try_admit(self) -> bool:
         """Count a request in; False (answer ``busy``) when ``handle.queue_size`` are in flight."""
-        if self._in_flight >= max(1, self.settings.queue_size):
-            return False
-        self._in_flight += 1
-        self.context.metrics.queue_depth.labels(self.name).set(self._in_flight)
-        return True
+        return self.in_flight.try_enter()
 
     def release(self) -> None:
-        self._in_flight = max(0, self._in_flight - 1)
-        self.context.metrics.queue_depth.labels(self.name).set(self._in_flight)
+        self.in_flight.leave()
 
     async def respond(
         self,
@@ -421,7 +422,15 @@ class HandleService(WyomingService):
                             break
                         if not state.committed:
                             visible = clean.strip()
-                            if not visible or len(visible) <= holdback:
+                            if not visible:
+                                continue
+                            if is_last and _STARTS_WITH_A_WORD.match(visible):
+                                # Nothing can take over from the last level: no gate to wait
+                                # for, its first word goes out at once (time to first chunk).
+                                state.committed = True
+                                await release(clean.rstrip())
+                                continue
+                            if len(visible) <= holdback:
                                 continue
                             reason = None if is_last else wrong_language(clean, language)
                             if reason:
@@ -452,7 +461,7 @@ class HandleService(WyomingService):
                 if reason:
                     raise QualityRejected(reason)
         if finish in ("length", "timeout", "error") and text and not ends_sentence(text):
-            end = last_sentence_end(text, len(state.sent))
+            end = last_sentence_end(text, max(0, len(state.sent) - 1))  # may end where `sent` ends
             text = text[:end] if end > 0 else text + "…"
         if not text.startswith(state.sent):  # cleaning changed released text: keep what was said
             text = state.sent

@@ -139,3 +139,33 @@ def finite_number(data: dict[str, Any], key: str, default: float, low: float, hi
     if not low <= number <= high:
         raise ProtocolViolation("bad-value", f"'{key}' must be between {low:g} and {high:g}, got {value!r}")
     return number
+
+
+class InFlight:
+    """Requests a service is answering, capped: over the cap a client is told ``busy`` at once.
+
+    Waiting behind a long queue is worse for a voice assistant than a quick
+    "busy": the user would hear the answer long after asking. ``gauge``, when
+    given, follows the count (``superwhisper_queue_depth``).
+    """
+
+    def __init__(self, limit: int, gauge: Any = None) -> None:
+        self.limit = max(1, limit)
+        self.count = 0
+        self._gauge = gauge
+
+    def try_enter(self) -> bool:
+        """Count one request in; False when ``limit`` are already being answered."""
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        self._report()
+        return True
+
+    def leave(self) -> None:
+        self.count = max(0, self.count - 1)
+        self._report()
+
+    def _report(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.count)

@@ -200,11 +200,22 @@ class TtsHandler(EventHandler):
         )
         return (str(name) if name else None), (str(language) if language else None), options
 
-    def _new_response(self, route: Route, options: SynthesisOptions, *, streaming: bool) -> _Response:
+    async def _new_response(
+        self, route: Route, options: SynthesisOptions, *, streaming: bool
+    ) -> _Response | None:
+        """The answer's task, or None (``busy`` sent) when ``tts.queue_size`` are in flight."""
+        in_flight = self.service.in_flight
+        if not in_flight.try_enter():
+            self.service.context.metrics.count(self.service.name, "busy")
+            await self.connection.error(
+                f"server busy: {in_flight.limit} answers already in flight (tts.queue_size)", "busy"
+            )
+            return None
         response = _Response(self, route, options, streaming=streaming, after=self._last)
         self._last = response.task
         self._tasks.add(response.task)
         response.task.add_done_callback(self._tasks.discard)
+        response.task.add_done_callback(lambda _: in_flight.leave())
         return response
 
     async def _route(self, data: dict[str, Any]) -> tuple[Route, SynthesisOptions] | None:
@@ -227,7 +238,9 @@ class TtsHandler(EventHandler):
         routed = await self._route(event.data)
         if routed is None:
             return
-        response = self._new_response(*routed, streaming=False)
+        response = await self._new_response(*routed, streaming=False)
+        if response is None:
+            return
         response.add(split_sentences(text))
         response.finish()
 
@@ -240,8 +253,9 @@ class TtsHandler(EventHandler):
             self._stream = None
             self._splitter = None
             return
-        self._stream = self._new_response(*routed, streaming=True)
-        self._splitter = SentenceSplitter()
+        self._stream = await self._new_response(*routed, streaming=True)
+        # Busy: like a refused route, the stream's chunks and stop are absorbed quietly.
+        self._splitter = SentenceSplitter() if self._stream is not None else None
 
     async def _stream_chunk(self, event: Event) -> None:
         text = event.data.get("text")

@@ -25,6 +25,7 @@ from .. import __version__
 from ..config import ConfigError, EngineLevel, TtsSettings
 from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
 from ..runtime.fallback import ChainResult, FallbackChain
+from ..runtime.limits import InFlight
 from ..runtime.registry import SystemSource, UnknownModel
 from ..runtime.server import Connection, EventHandler, ServiceContext, ServiceState, WyomingService
 from .engines import (
@@ -147,6 +148,8 @@ class TtsService(WyomingService):
                 f"no voices configured for {self.settings.language!r} (tts.voices has "
                 f"{', '.join(self.settings.voices) or 'none'})",
             )
+        self.in_flight = InFlight(self.settings.queue_size)
+        """Answers being spoken or waiting (the queue-depth gauge counts segments instead)."""
         self.plans: dict[str, ChainPlan] = {}
         self.routes: dict[str, FallbackChain[TtsEngine]] = {}
         self.voices: dict[str, _Voice] = {}
