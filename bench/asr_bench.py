@@ -59,9 +59,9 @@ from wyoming.info import Describe, Info
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wyoming_superwhisper.audio import AudioConverter  # noqa: E402
 from wyoming_superwhisper.asr.client import pcm_bytes, transcribe  # noqa: E402
 from wyoming_superwhisper.asr.service import AsrService  # noqa: E402
+from wyoming_superwhisper.audio import AudioConverter  # noqa: E402
 from wyoming_superwhisper.config import Settings, load_settings  # noqa: E402
 from wyoming_superwhisper.runtime.gpu import choose_gpu  # noqa: E402
 from wyoming_superwhisper.runtime.metrics import Metrics  # noqa: E402

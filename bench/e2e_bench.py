@@ -13,9 +13,15 @@ process for both sides (there is no peer LLM server; ours is the only one
 here), so the difference is what streaming buys across the chain.
 
 Same models on both sides: whisper-base int8 on the CPU, beam 5; SmolLM2-135M;
-Piper ``en_US-joe-medium``. The commands are English because that Piper voice
-is the only one the peer can load here (our TTS never reads a French text with
-an English voice). Each command is espeak-ng speech with 0.3 s of silence
+Piper ``en_US-joe-medium``. The headline figures are English commands, because
+that Piper voice is the only one the peer can load here (our TTS never reads a
+French text with an English voice). French commands are a case of their own:
+our TTS answers them with espeak-ng ``fr``, and the peer chain's TTS is then our
+own server read with one ``synthesize`` (wyoming-piper has no French voice
+here), so that case measures what streaming buys, not which TTS is faster.
+With ``--clients N`` (N > 1) every side also serves N commands at once, N
+pipelines started together, to show how the chain holds when a house has
+several satellites. Each command is espeak-ng speech with 0.3 s of silence
 before and ``--tail`` seconds after it, streamed in real time in 20 ms chunks;
 ``audio-stop`` follows the tail, like Home Assistant's VAD. Runs alternate
 ours/peer (A B B A …) so machine drift weighs on both.
@@ -64,6 +70,12 @@ COMMANDS = [
     ("en", "Set a timer for ten minutes."),
     ("en", "Close the garage door."),
 ]
+FRENCH_COMMANDS = [
+    # Among those whisper-base reads steadily in espeak-ng's French (tests/integration/test_asr_service.py).
+    ("fr", "Quelle est la capitale de la France ?"),
+    ("fr", "Bonjour, quelle heure est-il ?"),
+]
+CASE_STAGES = ("speech_end_to_transcript", "speech_end_to_first_audio", "speech_end_to_done")
 STAGES = (
     "speech_end_to_transcript",
     "transcript_to_first_answer_chunk",
@@ -160,7 +172,7 @@ def ours_command(service: str, port: int, cpu_threads: int) -> list[str]:
         # no implicit memory: every run starts from the same prompt, on both sides
         command += ["--set", f"handle.chain={json.dumps(chain)}", "--set", "handle.implicit_memory_ttl_s=0"]
     else:
-        voices = json.dumps({"en": [{"model": "piper-joe"}]})
+        voices = json.dumps({"en": [{"model": "piper-joe"}], "fr": [{"model": "espeak-fr"}]})
         command += ["--set", "tts.language=en", "--set", f"tts.voices={voices}"]
     return command
 
@@ -194,26 +206,26 @@ async def chained(
     """
     pcm = pipeline.read_wav_16k(wav)
     timings = pipeline.PipelineTimings(audio_seconds=len(pcm) / (pipeline.RATE * pipeline.WIDTH))
-    clock = pipeline._Clock()
-    async with pipeline._connect("asr", asr_uri, timeout_s) as client:
-        timings.transcript_text = await pipeline._transcribe(
+    clock = pipeline.StageClock()
+    async with pipeline.connect_stage("asr", asr_uri, timeout_s) as client:
+        timings.transcript_text = await pipeline.stream_transcribe(
             client, pcm, language=language, realtime=True, chunk_ms=pipeline.DEFAULT_CHUNK_MS,
             clock=clock, timings=timings,
         )  # fmt: skip
-    async with pipeline._connect("handle", handle_uri, timeout_s) as client:
+    async with pipeline.connect_stage("handle", handle_uri, timeout_s) as client:
         await client.write_event(Transcript(text=timings.transcript_text, language=language).event())
         while True:
-            event = await pipeline._read("handle", client)
+            event = await pipeline.read_stage("handle", client)
             if Handled.is_type(event.type) or NotHandled.is_type(event.type):
                 timings.handled = Handled.is_type(event.type)
                 timings.answer_text = (event.data.get("text") or "").strip()
                 timings.first_answer_chunk = timings.answer_done = clock.now()
                 break
-    async with pipeline._connect("tts", tts_uri, timeout_s) as client:
+    async with pipeline.connect_stage("tts", tts_uri, timeout_s) as client:
         await client.write_event(Synthesize(text=timings.answer_text).event())
         samples = 0
         while True:
-            event = await pipeline._read("tts", client)
+            event = await pipeline.read_stage("tts", client)
             if event.type == "audio-chunk":
                 if timings.first_audio is None and event.payload:
                     timings.first_audio = clock.now()
@@ -276,12 +288,32 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def stage_summaries(
+    timings: dict[str, list[dict[str, Any]]], case: str, names: Sequence[str], with_peers: bool
+) -> dict[str, Any]:
+    """p50/p95 per stage and side over the rows of one case, with every value kept for the plots."""
+    stages: dict[str, Any] = {}
+    for stage in names:
+        per_side = {
+            side: [row[stage] for row in rows if row["case"] == case and row[stage] is not None]
+            for side, rows in timings.items()
+        }
+        entry: dict[str, Any] = {side: summary(values) for side, values in per_side.items()}
+        entry["values"] = {side: [round(v, 4) for v in values] for side, values in per_side.items()}
+        if with_peers and entry["ours"].get("n") and entry["peer"].get("n") and entry["peer"]["p50_s"]:
+            entry["ratio_p50"] = round(entry["ours"]["p50_s"] / entry["peer"]["p50_s"], 3)
+        stages[stage] = entry
+    return stages
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Our three servers and (when ``args.peer_asr``/``args.peer_tts`` are given) the peers.
 
-    ``args``: ``rounds``, ``commands`` (how many of COMMANDS), ``tail``,
-    ``cpu_threads``, ``peer_asr`` and ``peer_tts`` (peer venv pythons or None),
-    ``pids`` (a dict the server pids are put in, by name, for the RSS sampler).
+    ``args``: ``rounds``, ``commands`` (how many of COMMANDS), ``french`` (how many
+    of FRENCH_COMMANDS), ``clients`` (concurrent pipelines of the N-client case; 1:
+    none), ``tail``, ``cpu_threads``, ``peer_asr`` and ``peer_tts`` (peer venv
+    pythons or None), ``pids`` (a dict the server pids are put in, by name, for the
+    RSS sampler).
     """
     settings = load_settings(environ={}, overrides={"models.environment": "test"})
     registry = ModelRegistry.from_settings(settings)
@@ -289,11 +321,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     voice = registry.resolve("piper-joe").entry_path
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     commands = COMMANDS[: args.commands]
-    wavs = []
-    for index, (language, text) in enumerate(commands):
+    french = FRENCH_COMMANDS[: getattr(args, "french", 0)]
+    clients = max(1, getattr(args, "clients", 1))
+    wavs, french_wavs = [], []
+    for index, (language, text) in enumerate([*commands, *french]):
         path = work / f"command-{index}.wav"
         espeak_wav(text, language, path, args.tail)
-        wavs.append((language, text, path))
+        (wavs if language == "en" else french_wavs).append((language, text, path))
     with_peers = args.peer_asr is not None and args.peer_tts is not None
     ports = {name: free_port() for name in ("asr", "handle", "tts", "peer_asr", "peer_tts")}
     uri = {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()}
@@ -317,40 +351,50 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        ports["peer_tts"], work)
             )  # fmt: skip
 
-        async def one(side: str, language: str, wav: Path) -> pipeline.PipelineTimings:
+        async def one(side: str, language: str, wav: Path, slot: int = 0) -> pipeline.PipelineTimings:
             if side == "ours":
                 return await pipeline.run_pipeline(
-                    wav, work / "answer-ours.wav", uri["asr"], uri["handle"], uri["tts"],
+                    wav, work / f"answer-ours-{slot}.wav", uri["asr"], uri["handle"], uri["tts"],
                     realtime=True, language=language, tts_streaming=True,
                 )  # fmt: skip
-            return await chained(wav, uri["peer_asr"], uri["handle"], uri["peer_tts"], language)
+            # French: wyoming-piper has no French voice here, the peer chain reads ours unstreamed
+            tts = uri["peer_tts"] if language == "en" else uri["tts"]
+            return await chained(wav, uri["peer_asr"], uri["handle"], tts, language)
+
+        def record(
+            side: str, case: str, text: str, round_index: int, result: pipeline.PipelineTimings
+        ) -> None:
+            row = {"case": case, "command": text, "round": round_index, **result.stages()}
+            row.update(transcript=result.transcript_text, answer=result.answer_text)
+            timings[side].append(row)
+            _LOGGER.info(
+                "%s %s %r → first audio %.3f s", side, case, text, row["speech_end_to_first_audio"] or -1
+            )
 
         for side in sides:  # warm-up, not counted
             await one(side, wavs[0][0], wavs[0][2])
         turn = 0
         for round_index in range(args.rounds):
-            for language, text, wav in wavs:
+            for language, text, wav in [*wavs, *french_wavs]:
                 order = sides if turn % 2 == 0 else sides[::-1]
                 turn += 1
                 for side in order:
-                    result = await one(side, language, wav)
-                    row = {"command": text, "round": round_index, **result.stages()}
-                    row.update(transcript=result.transcript_text, answer=result.answer_text)
-                    timings[side].append(row)
-                    _LOGGER.info(
-                        "%s %r → first audio %.3f s", side, text, row["speech_end_to_first_audio"] or -1
+                    record(side, language, text, round_index, await one(side, language, wav))
+            if clients > 1:
+                # N satellites at once: N pipelines started together on one side, then the other.
+                batch = [wavs[i % len(wavs)] for i in range(clients)]
+                for side in sides if round_index % 2 == 0 else sides[::-1]:
+                    results = await asyncio.gather(
+                        *[one(side, language, wav, slot) for slot, (language, _, wav) in enumerate(batch)]
                     )
+                    for (_, text, _), result in zip(batch, results, strict=True):
+                        record(side, f"{clients}_clients", text, round_index, result)
         independent = await independent_client(getattr(args, "wyoming_bench", None), ports, wavs, work)
-    stages: dict[str, Any] = {}
-    for stage in STAGES:
-        per_side = {
-            side: [row[stage] for row in rows if row[stage] is not None] for side, rows in timings.items()
-        }
-        entry: dict[str, Any] = {side: summary(values) for side, values in per_side.items()}
-        entry["values"] = {side: [round(v, 4) for v in values] for side, values in per_side.items()}
-        if with_peers and entry["ours"].get("n") and entry["peer"].get("n") and entry["peer"]["p50_s"]:
-            entry["ratio_p50"] = round(entry["ours"]["p50_s"] / entry["peer"]["p50_s"], 3)
-        stages[stage] = entry
+    stages = stage_summaries(timings, "en", STAGES, with_peers)
+    cases = {
+        case: stage_summaries(timings, case, CASE_STAGES, with_peers)
+        for case in (*(["fr"] if french_wavs else []), *([f"{clients}_clients"] if clients > 1 else []))
+    }
     shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "end to end: audio-stop → first audio byte",
@@ -364,7 +408,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "tail_s": args.tail,
         "rounds": args.rounds,
         "commands": [text for _, text in commands],
+        "french_commands": [text for _, text in french],
+        "clients": clients,
         "stages": stages,
+        "cases": cases,
         "runs": timings,
         "wyoming_bench": independent,
     }
@@ -374,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--commands", type=int, default=len(COMMANDS))
+    parser.add_argument("--french", type=int, default=len(FRENCH_COMMANDS), help="French commands (a case)")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent pipelines of the N-client case")
     parser.add_argument("--tail", type=float, default=0.8, help="silence before audio-stop, seconds")
     parser.add_argument("--cpu-threads", type=int, default=2)
     parser.add_argument("--peer-asr", type=Path, default=None, help="wyoming-faster-whisper's python")

@@ -335,6 +335,8 @@ def section_e2e(options: Options, pids: dict[str, int]) -> dict[str, Any]:
     args = argparse.Namespace(
         rounds=1 if options.quick else 3,
         commands=1 if options.quick else len(e2e_bench.COMMANDS),
+        french=1 if options.quick else len(e2e_bench.FRENCH_COMMANDS),
+        clients=2 if options.quick else 4,
         tail=0.8,
         cpu_threads=2,
         peer_asr=asr_peer.python if with_peers else None,
@@ -367,6 +369,15 @@ def e2e_entry(data: dict[str, Any]) -> dict[str, Any]:
             None if first_audio.get("peer", {}).get("p50_s") is None else first_audio["peer"]["p50_s"] + tail,
         )
     )
+    for case, stages in data.get("cases", {}).items():
+        name = "French commands" if case == "fr" else case.replace("_", " ")
+        for stage, entry in stages.items():
+            label = stage.replace("_to_", " → ").replace("_", " ")
+            for quantile in ("p50", "p95"):
+                ours = entry["ours"].get(f"{quantile}_s")
+                peer = entry.get("peer", {}).get(f"{quantile}_s")
+                figures.append(figure("e2e", f"{name}: {label} {quantile}", "s", ours, peer))
+        distributions[f"{case}: speech_end_to_first_audio"] = stages["speech_end_to_first_audio"]["values"]
     for rows in parse_wyoming_bench(data.get("wyoming_bench") or {}).values():
         figures.extend(rows)
     return {

@@ -173,7 +173,8 @@ def write_wav(path: str | Path, pcm: bytes, rate: int, width: int = WIDTH, chann
 
 
 @contextlib.asynccontextmanager
-async def _connect(stage: str, uri: str, timeout_s: float) -> AsyncIterator[AsyncClient]:
+async def connect_stage(stage: str, uri: str, timeout_s: float) -> AsyncIterator[AsyncClient]:
+    """A connected client for one stage; a refused or slow connection is a PipelineError naming it."""
     client = AsyncClient.from_uri(uri, connect_timeout=timeout_s, read_timeout=timeout_s)
     try:
         await asyncio.wait_for(client.connect(), timeout=timeout_s)
@@ -186,7 +187,7 @@ async def _connect(stage: str, uri: str, timeout_s: float) -> AsyncIterator[Asyn
             await client.disconnect()
 
 
-async def _read(stage: str, client: AsyncClient) -> Event:
+async def read_stage(stage: str, client: AsyncClient) -> Event:
     """The next event; ``error`` events, a closed connection and timeouts become PipelineError."""
     try:
         event = await client.read_event()
@@ -204,10 +205,10 @@ async def _read(stage: str, client: AsyncClient) -> Event:
 
 async def describe(uri: str, timeout_s: float = 10.0) -> Info:
     """Ask a server what it offers (Home Assistant does this when the server is added)."""
-    async with _connect("describe", uri, timeout_s) as client:
+    async with connect_stage("describe", uri, timeout_s) as client:
         await client.write_event(Describe().event())
         while True:
-            event = await _read("describe", client)
+            event = await read_stage("describe", client)
             if Info.is_type(event.type):
                 return Info.from_event(event)
 
@@ -216,7 +217,9 @@ def supports_synthesize_streaming(info: Info) -> bool:
     return any(program.supports_synthesize_streaming for program in info.tts if program.installed)
 
 
-class _Clock:
+class StageClock:
+    """Seconds since the pipeline started: every stage of one run is timed on one clock."""
+
     def __init__(self) -> None:
         self.start = time.monotonic()
 
@@ -224,14 +227,14 @@ class _Clock:
         return time.monotonic() - self.start
 
 
-async def _transcribe(
+async def stream_transcribe(
     client: AsyncClient,
     pcm: bytes,
     *,
     language: str | None,
     realtime: bool,
     chunk_ms: int,
-    clock: _Clock,
+    clock: StageClock,
     timings: PipelineTimings,
 ) -> str:
     """Stream the audio while reading the ASR server's events; returns the final transcript."""
@@ -260,7 +263,7 @@ async def _transcribe(
 
     async def receive() -> str:
         while True:
-            event = await _read("asr", client)
+            event = await read_stage("asr", client)
             if Transcript.is_type(event.type):
                 return Transcript.from_event(event).text
             if TranscriptStart.is_type(event.type):
@@ -318,10 +321,10 @@ async def run_pipeline(
     if tts_streaming is None:  # Home Assistant learns this when the server is added, not per run
         tts_streaming = supports_synthesize_streaming(await describe(tts_uri, timeout_s))
     timings.tts_streaming = tts_streaming
-    clock = _Clock()
+    clock = StageClock()
 
-    async with _connect("asr", asr_uri, timeout_s) as asr:
-        transcript = await _transcribe(
+    async with connect_stage("asr", asr_uri, timeout_s) as asr:
+        transcript = await stream_transcribe(
             asr, pcm, language=language, realtime=realtime, chunk_ms=chunk_ms, clock=clock, timings=timings
         )
     timings.transcript_text = transcript
@@ -331,10 +334,10 @@ async def run_pipeline(
     answer_queue: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def handle() -> None:
-        async with _connect("handle", handle_uri, timeout_s) as client:
+        async with connect_stage("handle", handle_uri, timeout_s) as client:
             await client.write_event(Transcript(text=transcript, language=language).event())
             while True:
-                event = await _read("handle", client)
+                event = await read_stage("handle", client)
                 if HandledStart.is_type(event.type):
                     continue
                 if HandledChunk.is_type(event.type):
@@ -363,7 +366,7 @@ async def run_pipeline(
 
     async def speak() -> None:
         synth_voice = SynthesizeVoice(name=voice) if voice else None
-        async with _connect("tts", tts_uri, timeout_s) as client:
+        async with connect_stage("tts", tts_uri, timeout_s) as client:
             if tts_streaming:
                 # Read audio while text is still being written: the first sentence's audio
                 # comes back long before the answer ends, and that moment is what we time.
@@ -390,7 +393,7 @@ async def run_pipeline(
     async def _collect_audio(client: AsyncClient) -> None:
         stopped = False
         while True:
-            event = await _read("tts", client)
+            event = await read_stage("tts", client)
             if AudioStart.is_type(event.type):
                 start = AudioStart.from_event(event)
                 if not timings.output_rate:

@@ -70,6 +70,14 @@ def test_json_is_well_formed(quick_run: tuple[Path, subprocess.CompletedProcess[
     first_audio = e2e["speech end → first audio p50"]
     assert first_audio["ours"] is not None and first_audio["ours"] > 0
     assert first_audio["peer"] is None  # no peers in this run
+    # The French case (espeak-ng fr on our side) and the concurrent-clients case ran and were timed.
+    for name in ("French commands: speech end → first audio p50", "2 clients: speech end → first audio p95"):
+        assert e2e[name]["ours"] is not None and e2e[name]["ours"] > 0, name
+    detail = data["sections"]["e2e"]["detail"]
+    assert {row["case"] for row in detail["runs"]["ours"]} == {"en", "fr", "2_clients"}
+    assert sum(row["case"] == "2_clients" for row in detail["runs"]["ours"]) == 2
+    french = [row for row in detail["runs"]["ours"] if row["case"] == "fr"]
+    assert all(row["transcript"] for row in french), french  # French speech was heard, not dropped
     handle = [row for row in data["figures"] if row["section"] == "handle"]
     assert all(row["peer"] is not None and row["peer"] > 0 for row in handle if row["unit"] == "s")
 
