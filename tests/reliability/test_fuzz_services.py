@@ -763,7 +763,8 @@ TTS_KINDS = Kinds(answers=("audio-stop", "error"), stopped=("synthesize-stopped"
 
 @pytest.fixture(scope="module")
 def tts_server() -> Iterator[ThreadServer]:
-    settings = make_settings(**{"tts.max_chars": TTS_MAX_CHARS})
+    # A case may queue many answers on one connection; the busy cap is the load tests' subject.
+    settings = make_settings(**{"tts.max_chars": TTS_MAX_CHARS, "tts.queue_size": 64})
     server = ThreadServer(lambda: TtsService(make_context(settings)))
     yield server
     server.close()
