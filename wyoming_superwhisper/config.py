@@ -173,6 +173,10 @@ class HandleSettings:
     with the rest of ``timeout_s``, in seconds; 0 (default): a level may use the whole budget.
     Waiting for a model another request holds counts too, so set it above the longest queue
     wait you expect (``queue_size`` × a typical answer)."""
+    route_short_chars: int = 0
+    """A request of at most this many characters (and no tools) is tried first on the chain's
+    smallest local model (lowest catalog quality below the first level's), then in chain
+    order: a quick "allume la cuisine" needs no 13B; 0 (default): always chain order."""
     memory: str = "local"
     """Where conversations live: ``local`` (this process) or a ``redis://`` URL shared by
     replicas (Kubernetes spreads Home Assistant's connections over pods)."""

@@ -427,3 +427,34 @@ async def test_queue_limit_answers_busy(serve: Any) -> None:
     kinds = sorted(r[-1].type for r in results)
     assert "handled-stop" in kinds and "error" in kinds
     assert all(r[-1].data.get("code") == "busy" for r in results if r[-1].type == "error")
+
+
+def sized(name: str, quality: int, pieces: Sequence[str], **kwargs: Any) -> ScriptedEngine:
+    engine = ScriptedEngine(name, pieces, **kwargs)
+    engine.quality = quality
+    return engine
+
+
+async def test_short_requests_go_to_the_smallest_local_model_first(serve: Any) -> None:
+    big, medium, small = sized("13b", 3, FRENCH), sized("7b", 2, FRENCH), sized("mini", 1, FRENCH)
+    service = service_with([big, medium, small], **{"handle.route_short_chars": 40})
+    async with serve(service) as server:
+        await ask(server.port, "Allume la cuisine.")
+        assert (len(small.requests), len(big.requests), len(medium.requests)) == (1, 0, 0)
+        await ask(server.port, "Peux-tu me dire ce que je dois mettre dans la valise pour la montagne ?")
+        assert (len(small.requests), len(big.requests), len(medium.requests)) == (1, 1, 0)
+    # Tools need the big model; routing off by default.
+    assert service.route([{"role": "user", "content": "Allume."}], tools=[{"type": "function"}]) == [0, 1, 2]
+    assert service_with([big, small]).route([{"role": "user", "content": "Allume."}]) == [0, 1]
+
+
+async def test_a_routed_request_that_the_small_model_fails_goes_back_to_chain_order(serve: Any) -> None:
+    big, small = sized("13b", 3, FRENCH), sized("mini", 1, ENGLISH)  # the small one answers in English
+    remote = sized("remote", 0, FRENCH)
+    remote.device = "remote"  # never the "small local model", whatever its quality
+    service = service_with([big, remote, small], **{"handle.route_short_chars": 40})
+    assert service.route([{"role": "user", "content": "Allume la cuisine."}]) == [2, 0, 1]
+    async with serve(service) as server:
+        events = await ask(server.port, "Allume la cuisine.")
+    assert final_of(events).startswith("Il fait très beau")  # the gate moved it on to the big one
+    assert len(small.requests) == 1 and len(big.requests) == 1 and remote.requests == []

@@ -332,18 +332,18 @@ class HandleService(WyomingService):
             tool_choice=tool_choice,
             extra=dict(extra or {}),
         )
-        last_index = len(self.chain.levels) - 1
         engines = self.chain.engines
+        order = self.route(messages, tools)
 
         async def call(engine: ChatEngine) -> Answer:
             index = engines.index(engine)
             return await self._stream_level(
-                engine, index, request, language, on_chunk, deadline, started, index == last_index
+                engine, index, request, language, on_chunk, deadline, started, index == order[-1]
             )
 
         try:
             async with asyncio.timeout_at(started + max(0.1, budget - SEND_MARGIN_S / 2)):
-                result = await self.chain.run(call, timeout_s=budget + 5.0)
+                result = await self.chain.run(call, timeout_s=budget + 5.0, levels=order)
         except TimeoutError:
             # Only reachable while nothing was released (e.g. a slow lazy load).
             raise AllLevelsFailed(
@@ -363,6 +363,30 @@ class HandleService(WyomingService):
             tokens=answer.tokens,
             tokens_per_second=answer.tokens_per_second,
         )
+
+    def route(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """The order the chain's levels are tried in for this request (``handle.route_short_chars``).
+
+        A short request without tools goes first to the smallest local model
+        that is smaller than the first level; everything else keeps chain order.
+        """
+        order = list(range(len(self.chain.levels)))
+        limit = self.settings.route_short_chars
+        if limit <= 0 or tools or len(order) < 2:
+            return order
+        text = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        if len(text.strip()) > limit:
+            return order
+        engines = self.chain.engines
+        smaller = [
+            i for i in order[1:] if engines[i].device != "remote" and engines[i].quality < engines[0].quality
+        ]
+        if not smaller:
+            return order
+        small = min(smaller, key=lambda i: (engines[i].quality, i))
+        return [small, *(i for i in order if i != small)]
 
     async def _stream_level(
         self,
