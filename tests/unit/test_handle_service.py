@@ -458,3 +458,19 @@ async def test_a_routed_request_that_the_small_model_fails_goes_back_to_chain_or
         events = await ask(server.port, "Allume la cuisine.")
     assert final_of(events).startswith("Il fait très beau")  # the gate moved it on to the big one
     assert len(small.requests) == 1 and len(big.requests) == 1 and remote.requests == []
+
+
+async def test_a_finished_sentence_is_released_whole_without_waiting_for_the_holdback(serve: Any) -> None:
+    """The TTS speaks sentence by sentence: a committed answer's finished sentence goes out
+    at once instead of 32 characters (some 8 tokens) later; an unfinished one is held back."""
+    pieces = ["Il ", "fait ", "beau. ", "Demain ", "il ", "pleuvra ", "sur ", "Paris, ", "hélas."]
+    engine = ScriptedEngine("one", pieces)
+    async with serve(service_with([engine], **{"handle.stream_holdback_chars": 32})) as server:
+        events = await ask(server.port, "Quel temps fait-il ?")
+    prefixes, text = [], ""
+    for piece in (e.data["text"] for e in events if e.type == "handled-chunk"):
+        text += piece
+        prefixes.append(text)
+    assert "Il fait beau." in prefixes
+    assert not any(p.endswith(("Demain", "pleuvra", "sur")) for p in prefixes)  # held back mid-sentence
+    assert text == final_of(events) == "Il fait beau. Demain il pleuvra sur Paris, hélas."

@@ -16,7 +16,10 @@ closed with "…"). So the chunks a client receives always concatenate to the
 final text. On the last level a loop is trimmed rather than rejected and the
 language is not checked: a short or foreign answer beats an apology. So the
 last level has no gate to wait for: its first word is released at once, and
-the holdback then only keeps a loop's repetition out of what is said.
+the holdback then only keeps a loop's repetition out of what is said. Once a
+level is committed, text that ends a sentence is released whole: the TTS
+speaks sentence by sentence, and holding a finished sentence back would only
+delay its audio by the holdback's worth of tokens.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ SEND_MARGIN_S = 0.5
 PROMPTS_KEPT = 256
 _STARTS_WITH_A_WORD = re.compile(r"[^\W\d_]")
 """A letter first: no list marker or heading that the cleaner could still take back."""
+_SENTENCE_DONE = re.compile(r"[^\W\d_][ \u00a0\u202f]?[.!?…]+(?:[ \u00a0\u202f]?[»\")])*\s*$")
+"""A word then a sentence end (not "3." of a decimal or "1." of a list the cleaner may strip)."""
 
 
 @dataclass(frozen=True)
@@ -460,7 +465,12 @@ class HandleService(WyomingService):
                             if reason:
                                 raise QualityRejected(reason)
                             state.committed = True
-                        await release(clean[: max(0, len(clean) - holdback)].rstrip())
+                        if _SENTENCE_DONE.search(clean):
+                            # A whole sentence with no loop in it: the TTS can speak it now; the
+                            # holdback would only make it wait for the next few tokens.
+                            await release(clean.rstrip())
+                        else:
+                            await release(clean[: max(0, len(clean) - holdback)].rstrip())
         except TimeoutError:
             if not state.committed:
                 raise
