@@ -149,7 +149,7 @@ class AsrHandler(EventHandler):
         utterance = self._utterance
         if utterance is None:  # audio without audio-start: a lenient client
             utterance = self._utterance = self._new_utterance(None)
-        if utterance.answered:
+        if utterance.answered or utterance.final is not None:
             return  # endpoint reached or error sent: the rest of the stream is not needed
         rate, width, channels = _audio_format(event.data)
         if utterance.converter is None or not utterance.converter.matches(rate, width, channels):
@@ -174,9 +174,6 @@ class AsrHandler(EventHandler):
         self._append(utterance, samples)
         if utterance.samples <= self.settings.max_seconds * TARGET_RATE:
             return True
-        if utterance.final is not None:
-            utterance.chunks = []  # the endpoint is answering: later audio is not part of it
-            return False
         if self.settings.endpointing_s > 0 and utterance.tracker.span is None:
             # The server ends the utterance (endpointing) and nobody spoke for asr.max_seconds:
             # that is silence, answered as silence is (an empty transcript), not an error.
