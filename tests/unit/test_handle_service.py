@@ -474,3 +474,34 @@ async def test_a_finished_sentence_is_released_whole_without_waiting_for_the_hol
     assert "Il fait beau." in prefixes
     assert not any(p.endswith(("Demain", "pleuvra", "sur")) for p in prefixes)  # held back mid-sentence
     assert text == final_of(events) == "Il fait beau. Demain il pleuvra sur Paris, hélas."
+
+
+async def test_a_silent_redis_never_holds_the_event_loop(serve: Any) -> None:
+    """``handle.memory: redis://…`` on a Redis that accepts and never answers: every memory
+    call waits out its 0.5 s socket timeout, in a worker thread; ``describe`` on another
+    connection is answered meanwhile, and the request is still answered (without memory)."""
+    pytest.importorskip("redis")
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _reader, writer: held.append(writer), LOOPBACK, 0)
+    port = silent.sockets[0].getsockname()[1]
+    engine = ScriptedEngine("a", FRENCH)
+    service = service_with([engine], **{"handle.memory": f"redis://{LOOPBACK}:{port}/0"})
+    try:
+        async with serve(service) as server:
+            answer = asyncio.create_task(ask(server.port, "Quel temps fait-il ?"))
+            await asyncio.sleep(0.1)  # the request is now waiting for the silent Redis
+            assert not answer.done()
+            started = asyncio.get_running_loop().time()
+            async with AsyncTcpClient(LOOPBACK, server.port) as client:
+                await client.write_event(Event("describe"))
+                info = await asyncio.wait_for(client.read_event(), 5)
+            waited = asyncio.get_running_loop().time() - started
+            events = await answer
+        assert info is not None and info.type == "info"
+        assert waited < 0.3, f"describe waited {waited:.2f} s behind the memory call"
+        assert final_of(events).startswith("Il fait très beau")
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()

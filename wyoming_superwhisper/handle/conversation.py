@@ -64,6 +64,9 @@ class ConversationMemory:
     Thread-safe (the OpenAI API and the Wyoming handler share one memory).
     """
 
+    does_io = False
+    """In memory: called on the event loop directly (see :attr:`RedisConversationStore.does_io`)."""
+
     def __init__(
         self,
         turns: int,

@@ -98,7 +98,8 @@ class HandleHandler(EventHandler):
             await self._send(HandledChunk(text=piece).event())
 
         try:
-            messages = service.conversation_messages(key, text, language)
+            history = await service.read_conversation(key)
+            messages = service.conversation_messages(key, text, language, history)
             try:
                 answer = await service.respond(messages, language, on_chunk)
             except AllLevelsFailed as failure:
@@ -110,7 +111,7 @@ class HandleHandler(EventHandler):
                 await self._send(HandledStart(context=reply_context).event())
             await self._send(Handled(text=answer.text, context=reply_context).event())
             await self._send(HandledStop().event())
-            service.memory.remember(key, text, answer.text, implicit=implicit)
+            await service.remember(key, text, answer.text, implicit=implicit)
             metrics.count(service.name, "fallback" if answer.fell_back else "ok")
             if answer.first_chunk_s is not None:
                 metrics.observe(service.name, "first_chunk", answer.first_chunk_s, answer.level)

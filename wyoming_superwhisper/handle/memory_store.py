@@ -13,9 +13,9 @@ exchange, like the local memory. Redis does the expiry, so no replica scans.
 
 Memory is a comfort, not a requirement: if Redis is unreachable, ``history``
 answers no turns and ``remember`` drops the exchange (logged, rate-limited),
-so the assistant still answers. Calls are synchronous like the local store's
-(the handler calls it between two awaits); a short socket timeout bounds how
-long one can hold the event loop.
+so the assistant still answers. Calls are synchronous like the local store's;
+the handler runs them in a worker thread (``does_io``), so a slow Redis never
+holds the event loop, and a short socket timeout bounds how long one takes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ WARN_EVERY_S = 60.0
 
 class RedisConversationStore:
     """Last ``turns`` exchanges per conversation in Redis; idle conversations expire."""
+
+    does_io = True
+    """Every call is a network round trip: the handler runs it off the event loop."""
 
     def __init__(
         self,

@@ -49,7 +49,7 @@ from ..runtime.fallback import (
 )
 from ..runtime.limits import InFlight
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
-from .conversation import build_messages
+from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
 from .memory_store import open_conversation_store
 from .prompts import (
@@ -284,18 +284,35 @@ class HandleService(WyomingService):
             self.settings.assistant_name, language, self._clock(), self.settings.system_prompt
         )
 
-    def conversation_messages(self, key: str, text: str, language: str) -> list[dict[str, Any]]:
+    def conversation_messages(
+        self, key: str, text: str, language: str, history: list[Turn] | None = None
+    ) -> list[dict[str, Any]]:
         """The prompt for a request in a conversation: system, remembered turns, the request.
 
         Kept per conversation (:meth:`last_prompt`) so tests and debug logs can see
-        exactly what the model was given.
+        exactly what the model was given. ``history``: the turns already read
+        (:meth:`read_conversation`); None reads them here.
         """
-        messages = build_messages(self._system(language), self.memory.history(key), text)
+        turns = self.memory.history(key) if history is None else history
+        messages = build_messages(self._system(language), turns, text)
         self._prompts[key] = messages
         self._prompts.move_to_end(key)
         while len(self._prompts) > PROMPTS_KEPT:
             self._prompts.popitem(last=False)
         return messages
+
+    async def read_conversation(self, key: str) -> list[Turn]:
+        """The remembered turns, read off the event loop when the store does I/O (Redis)."""
+        if self.memory.does_io:
+            return await asyncio.to_thread(self.memory.history, key)
+        return self.memory.history(key)
+
+    async def remember(self, key: str, text: str, answer: str, *, implicit: bool) -> None:
+        """Keep one exchange, off the event loop when the store does I/O (Redis)."""
+        if self.memory.does_io:
+            await asyncio.to_thread(self.memory.remember, key, text, answer, implicit=implicit)
+        else:
+            self.memory.remember(key, text, answer, implicit=implicit)
 
     def last_prompt(self, key: str) -> list[dict[str, Any]] | None:
         return self._prompts.get(key)
