@@ -571,4 +571,8 @@ async def test_a_loop_from_a_too_short_encoder_window_is_decoded_again(
     result = await engine.transcribe(AsrRequest(audio, "fr"))
     await engine.close()
     assert engine.window_retries == 1
-    assert words(result.text) == words(FRENCH[0])
+    # One reading of the command (the looped one says it twice: WER ≥ 1), within the French
+    # bound: the exact words of espeak-ng's robotic French vary between machines and builds
+    # (on 2026-12-01 a fresh install read "bonjour" as "pour vous").
+    assert wer([FRENCH[0]], [result.text]) <= FRENCH_MAX_WER, result.text
+    assert len(words(result.text)) <= len(words(FRENCH[0])) + 2, result.text
