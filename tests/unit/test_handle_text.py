@@ -15,9 +15,11 @@ from wyoming_superwhisper.handle.prompts import (
     apology,
     clean_for_speech,
     detect_language,
+    ends_a_finished_sentence,
     guess_language,
     last_sentence_end,
     loop_start,
+    starts_with_a_word,
     system_prompt,
     wrong_language,
 )
@@ -213,3 +215,27 @@ def test_build_messages_puts_history_between_system_and_request() -> None:
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[1]["content"] == "Quel temps fait-il aujourd'hui ?"
     assert messages[-1]["content"] == "Et demain ?"
+
+
+@pytest.mark.parametrize(
+    ("text", "finished"),
+    [
+        ("Il fait beau.", True),
+        ("Il fait beau. ", True),
+        ("Vraiment ?!", True),  # French spacing before ? and !
+        ("Il dit « oui. » ", True),
+        ("Il fait 3.", False),  # "3.5" may follow
+        ("Voici :\n1.", False),  # a list marker the cleaner may strip
+        ("Bonjour", False),
+        ("Il fait beau, ", False),
+    ],
+)
+def test_a_finished_sentence_is_safe_to_stream(text: str, finished: bool) -> None:
+    assert ends_a_finished_sentence(text) is finished
+
+
+@pytest.mark.parametrize(
+    ("text", "word"), [("Il", True), ("Élodie", True), ("1", False), ("- Il", False), ("#", False)]
+)
+def test_only_a_letter_may_start_an_early_release(text: str, word: bool) -> None:
+    assert starts_with_a_word(text) is word

@@ -131,6 +131,21 @@ def ends_sentence(text: str) -> bool:
     return bool(text.rstrip()) and text.rstrip()[-1] in ".!?…»\")"
 
 
+_FINISHED_SENTENCE = re.compile(r"[^\W\d_][ \u00a0\u202f]?[.!?…]+(?:[ \u00a0\u202f]?[»\")])*\s*$")
+_LETTER_FIRST = re.compile(r"[^\W\d_]")
+
+
+def ends_a_finished_sentence(text: str) -> bool:
+    """A word then a sentence end: safe to stream. Not "3." (a decimal may follow) nor "1."
+    (a list marker :func:`clean_for_speech` may still strip); French "Tiens !" counts."""
+    return bool(_FINISHED_SENTENCE.search(text))
+
+
+def starts_with_a_word(text: str) -> bool:
+    """A letter first: no list marker or heading that :func:`clean_for_speech` could take back."""
+    return bool(_LETTER_FIRST.match(text))
+
+
 # --- quality checks -------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,9 +53,11 @@ from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
+    ends_a_finished_sentence,
     ends_sentence,
     last_sentence_end,
     loop_start,
+    starts_with_a_word,
     system_prompt,
     wrong_language,
 )
@@ -67,10 +68,6 @@ ChunkSink = Callable[[str], Awaitable[None]]
 SEND_MARGIN_S = 0.5
 """Kept from ``handle.timeout_s`` to send the final events once generation stops."""
 PROMPTS_KEPT = 256
-_STARTS_WITH_A_WORD = re.compile(r"[^\W\d_]")
-"""A letter first: no list marker or heading that the cleaner could still take back."""
-_SENTENCE_DONE = re.compile(r"[^\W\d_][ \u00a0\u202f]?[.!?…]+(?:[ \u00a0\u202f]?[»\")])*\s*$")
-"""A word then a sentence end (not "3." of a decimal or "1." of a list the cleaner may strip)."""
 
 
 @dataclass(frozen=True)
@@ -470,7 +467,7 @@ class HandleService(WyomingService):
                             visible = clean.strip()
                             if not visible:
                                 continue
-                            if is_last and _STARTS_WITH_A_WORD.match(visible):
+                            if is_last and starts_with_a_word(visible):
                                 # Nothing can take over from the last level: no gate to wait
                                 # for, its first word goes out at once (time to first chunk).
                                 state.committed = True
@@ -482,7 +479,7 @@ class HandleService(WyomingService):
                             if reason:
                                 raise QualityRejected(reason)
                             state.committed = True
-                        if _SENTENCE_DONE.search(clean):
+                        if ends_a_finished_sentence(clean):
                             # A whole sentence with no loop in it: the TTS can speak it now; the
                             # holdback would only make it wait for the next few tokens.
                             await release(clean.rstrip())
