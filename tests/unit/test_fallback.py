@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -123,11 +124,13 @@ async def test_call_failure_moves_to_next_level(error: BaseException, outcome: O
     assert result.attempts[0].outcome is outcome
 
 
-async def test_timeout_moves_to_next_level() -> None:
+async def test_timeout_moves_to_next_level(caplog: pytest.LogCaptureFixture) -> None:
     chain, _, _ = make_chain(FakeEngine("big", hang=True), FakeEngine("small"), timeout_s=0.05)
-    result = await chain.run(lambda e: e.work("x"))
+    with caplog.at_level(logging.WARNING, logger="wyoming_superwhisper.runtime.fallback"):
+        result = await chain.run(lambda e: e.work("x"))
     assert result.level == 1
     assert result.attempts[0].outcome is Outcome.TIMEOUT
+    assert any("big timed out after 0.05 s" in r.getMessage() for r in caplog.records)  # not silent
 
 
 async def test_quality_gate_rejects_and_next_level_answers() -> None:

@@ -313,6 +313,9 @@ class FallbackChain(Generic[E]):
                 state.breaker.abandon()
                 raise
             except TimeoutError:
+                # Also time spent waiting for the model behind other requests: an overloaded
+                # server shows here first, so it is logged like any other failure.
+                _LOGGER.warning("%s: %s timed out after %g s", self.service, name, timeout)
                 attempt = Attempt(
                     index, name, Outcome.TIMEOUT, self._clock() - started, f"over {timeout:g} s"
                 )
