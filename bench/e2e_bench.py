@@ -150,12 +150,13 @@ async def server(name: str, command: Sequence[str], port: int, logs: Path) -> As
                 await asyncio.to_thread(child.wait)
 
 
-def ours_command(service: str, port: int, cpu_threads: int) -> list[str]:
-    """``superwhisper <service>`` on loopback with the benchmark's models."""
+def ours_command(service: str, port: int, cpu_threads: int, metrics_port: int | None = None) -> list[str]:
+    """``superwhisper <service>`` on loopback with the benchmark's models (ops port off unless given)."""
+    ops = ["--no-metrics"] if metrics_port is None else ["--metrics-port", str(metrics_port)]
     command = [
         sys.executable, "-m", "wyoming_superwhisper", service,
         "--uri", f"tcp://127.0.0.1:{port}",
-        "--no-zeroconf", "--no-metrics", "--no-smoke", "--log-level", "WARNING",
+        "--no-zeroconf", *ops, "--no-smoke", "--log-level", "WARNING",
         "--set", "models.environment=test",
     ]  # fmt: skip
     if service == "asr":

@@ -42,6 +42,7 @@ import numpy as np
 
 from wyoming_superwhisper.forecast import (
     HORIZONS,
+    LabelSet,
     PrometheusClient,
     SeasonalForecaster,
     Series,
@@ -97,28 +98,48 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def prometheus_with(history: Mapping[str, tuple[np.ndarray, np.ndarray]], workdir: Path) -> Iterator[str]:
-    """Backfill ``history`` with promtool, run Prometheus on loopback; yields its URL."""
-    if PROMETHEUS is None or PROMTOOL is None:
-        raise RuntimeError("prometheus/promtool not installed (Debian package prometheus)")
+    """Backfill ``history`` (per service: times, requests) with promtool, run Prometheus; yields its URL."""
+    series: dict[LabelSet, tuple[np.ndarray, np.ndarray]] = {
+        (("service", s), ("outcome", "ok")): v for s, v in history.items()
+    }
+    with prometheus_backfilled(openmetrics_counters(series, "superwhisper_requests_total"), workdir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def prometheus_backfilled(openmetrics: str, workdir: Path) -> Iterator[str]:
+    """Backfill OpenMetrics text with ``promtool tsdb create-blocks-from openmetrics``, then serve it."""
+    if PROMTOOL is None:
+        raise RuntimeError("promtool not installed (Debian package prometheus)")
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     source = workdir / "history.om"
-    series = {(("service", s), ("outcome", "ok")): v for s, v in history.items()}
-    source.write_text(openmetrics_counters(series, "superwhisper_requests_total"))
+    source.write_text(openmetrics)
     subprocess.run(
         [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", str(source), str(data)],
         check=True,
         capture_output=True,
     )
-    config = workdir / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
+    with running_prometheus(workdir, "global:\n  scrape_interval: 1m\nscrape_configs: []\n", data) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_prometheus(workdir: Path, config: str, data: Path | None = None) -> Iterator[str]:
+    """A real Prometheus on loopback with ``config`` (YAML text) until the block ends; yields its URL."""
+    if PROMETHEUS is None:
+        raise RuntimeError("prometheus not installed (Debian package prometheus)")
+    data = data or workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    config_file = workdir / "prometheus.yml"
+    config_file.write_text(config)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = (workdir / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [
             PROMETHEUS,
-            f"--config.file={config}",
+            f"--config.file={config_file}",
             f"--storage.tsdb.path={data}",
             "--storage.tsdb.retention.time=100y",
             f"--web.listen-address=127.0.0.1:{port}",

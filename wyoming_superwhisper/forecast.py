@@ -118,8 +118,8 @@ class SeasonalForecaster:
     """Local time of the users: the profile's time of day and weekday are local."""
     holidays: frozenset[date] = field(default_factory=frozenset)
     """Dates that behave like a Sunday (known public holidays)."""
-    smooth_slots: int = 2
-    """Neighbouring slots on each side averaged into the profile (noise vs sharp peaks)."""
+    smooth_s: int = 600
+    """Profile smoothing on each side of a slot (noise vs sharp peaks): 2 slots at 5-min steps."""
     level_window_s: int = DAY_S
     """History the level model sees: long enough to learn the noise, short enough to follow today."""
     alpha: float = 0.2
@@ -184,12 +184,10 @@ class SeasonalForecaster:
             mean = _safe_mean(sums[kind], counts[kind])
             # A day type not seen yet (less than a week of history) borrows the pooled profile.
             profile[kind] = pooled if np.all(np.isnan(mean)) else _fill_circular(mean)
-        if self.smooth_slots > 0:
-            width = 2 * self.smooth_slots + 1
-            kernel = np.ones(width) / width
-            padded = np.concatenate(
-                [profile[:, -self.smooth_slots :], profile, profile[:, : self.smooth_slots]], axis=1
-            )
+        side = round(self.smooth_s * per_day / DAY_S)
+        if side > 0:
+            kernel = np.ones(2 * side + 1) / (2 * side + 1)
+            padded = np.concatenate([profile[:, -side:], profile, profile[:, :side]], axis=1)
             profile = np.vstack([np.convolve(row, kernel, mode="valid") for row in padded])
         return profile
 
@@ -276,6 +274,22 @@ class PrometheusClient:
             values = np.concatenate([p[1] for p in pieces])
             keep = np.isfinite(values)
             out[key] = Series(times[keep], values[keep])
+        return out
+
+    async def samples(self, selector: str, at: float | None = None) -> list[tuple[dict[str, str], Series]]:
+        """The raw samples of a range selector (``metric[10m]``) at ``at``: scrape times, no step grid."""
+        params: dict[str, Any] = {"query": selector}
+        if at is not None:
+            params["time"] = at
+        data = await self._get("/api/v1/query", params)
+        if data.get("resultType") != "matrix":
+            raise PrometheusError(f"{selector!r} is not a range selector (got {data.get('resultType')})")
+        out = []
+        for item in data.get("result", []):
+            values = item.get("values", [])
+            times = np.array([float(t) for t, _ in values])
+            numbers = np.array([float(v) for _, v in values])
+            out.append((dict(item.get("metric", {})), Series(times, numbers)))
         return out
 
     async def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -585,6 +599,14 @@ class TrafficShape:
     day_sigma: float = 0.08
     """Day-to-day variation of the whole day's volume (log-normal sigma)."""
 
+    def per_min(self, when: float, zone: ZoneInfo, holidays: Sequence[date] = ()) -> float:
+        """The expected rate at Unix time ``when`` (requests per minute), before day-to-day variation."""
+        local = datetime.fromtimestamp(when, zone)
+        hour = local.hour + local.minute / 60.0 + local.second / 3600.0
+        bumps = self.weekend if local.weekday() >= 5 or local.date() in holidays else self.weekday
+        level = self.floor + sum(h * math.exp(-0.5 * ((hour - mu) / w) ** 2) for mu, w, h in bumps)
+        return self.peak_per_min * level
+
 
 def synthetic_traffic(
     start: float,
@@ -602,19 +624,15 @@ def synthetic_traffic(
     minutes = np.arange(days * 1440)
     times = float(start) + minutes * 60.0
     day_factor = rng.lognormal(0.0, shape.day_sigma, days + 1)
-    rates = np.empty(len(times))
-    for i, t in enumerate(times):
-        local = datetime.fromtimestamp(t, zone)
-        hour = local.hour + local.minute / 60.0
-        bumps = shape.weekend if local.weekday() >= 5 or local.date() in holidays else shape.weekday
-        level = shape.floor + sum(h * math.exp(-0.5 * ((hour - mu) / w) ** 2) for mu, w, h in bumps)
-        rates[i] = shape.peak_per_min * level * day_factor[i // 1440]
+    rates = np.array([shape.per_min(t, zone, holidays) * day_factor[i // 1440] for i, t in enumerate(times)])
     return times, rng.poisson(rates).astype(float)
 
 
-def openmetrics_counters(
-    series: Mapping[Mapping[str, str] | tuple[tuple[str, str], ...], Any], name: str
-) -> str:
+LabelSet = tuple[tuple[str, str], ...]
+"""A series' labels as hashable (name, value) pairs."""
+
+
+def openmetrics_counters(series: Mapping[LabelSet, tuple[np.ndarray, np.ndarray]], name: str) -> str:
     """OpenMetrics text of cumulative counters for ``promtool tsdb create-blocks-from openmetrics``.
 
     ``series`` maps a label set to ``(times, increments)``; samples are the
