@@ -291,14 +291,17 @@ class AsrHandler(EventHandler):
         try:
             await self._send_partial(utterance, text, language)
             await self.connection.write(Transcript(text=text, language=language).event())
-            await self.connection.write(TranscriptStop().event())
         except ConnectionError:
             _LOGGER.info("asr %s: client left before the transcript", self.connection.peer)
             return
+        # The answer is out: counted even when the client hangs up before transcript-stop,
+        # as Home Assistant does once it has read the transcript.
         level = decoded.level if decoded is not None else 0
         metrics.count(self.service.name, "fallback" if decoded is not None and decoded.fell_back else "ok")
         stage = "audio_stop_to_transcript" if reason == "audio-stop" else "endpoint_to_transcript"
         metrics.observe(self.service.name, stage, time.monotonic() - started, level)
+        with contextlib.suppress(ConnectionError):
+            await self.connection.write(TranscriptStop().event())
         _LOGGER.info(
             "asr %s: %r (%s, %s, %.0f ms after %s)",
             self.connection.peer,
