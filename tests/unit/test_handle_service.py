@@ -363,6 +363,48 @@ async def test_memory_per_conversation_and_implicit_peer(serve: Any) -> None:
     assert service.last_prompt(f"peer:{LOOPBACK}") == list(engine.requests[4].messages)
 
 
+class HangsUpAfterHandled:
+    """A client that reads ``handled`` and closes: every later write fails."""
+
+    peer = f"{LOOPBACK}:1"
+    closed = False
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def write(self, event: Event) -> None:
+        if self.events and self.events[-1].type == "handled":
+            raise ConnectionResetError("the client has closed")
+        self.events.append(event)
+
+    async def error(self, text: str, code: str) -> None:
+        self.events.append(Event("error", {"text": text, "code": code}))
+
+
+async def test_an_answer_read_before_the_client_leaves_is_remembered_and_counted() -> None:
+    engine = ScriptedEngine("a", FRENCH)
+    service = service_with([engine])
+    await service.start()
+    context = {"conversation_id": "cuisine"}
+    try:
+        for text in ("Quel temps fait-il ?", "Et demain ?"):
+            client = HangsUpAfterHandled()
+            handler = service.create_handler(client)  # type: ignore[arg-type]
+            await handler.handle_event(Transcript(text=text, language="fr", context=context).event())
+            assert handler._task is not None
+            await asyncio.wait_for(handler._task, 5)
+            assert client.events[-1].type == "handled"
+    finally:
+        await service.stop()
+    assert service.context.metrics.requests.labels("handle", "ok")._value.get() == 2
+    follow_up = [m["content"] for m in engine.requests[1].messages]
+    assert follow_up[1:] == [
+        "Quel temps fait-il ?",
+        "Il fait très beau aujourd'hui à Paris, profitez-en bien.",
+        "Et demain ?",
+    ]
+
+
 async def test_limits_and_bad_values_get_error_events_and_the_server_keeps_serving(serve: Any) -> None:
     service = service_with([ScriptedEngine("a", FRENCH)], **{"handle.max_chars": 50})
     async with serve(service) as server, AsyncTcpClient(LOOPBACK, server.port) as client:

@@ -110,9 +110,12 @@ class HandleHandler(EventHandler):
             if not started_sent:  # nothing streamed (cannot happen with text, kept for safety)
                 await self._send(HandledStart(context=reply_context).event())
             await self._send(Handled(text=answer.text, context=reply_context).event())
-            await self._send(HandledStop().event())
+            # The answer is out: remembered and counted even when the client hangs up before
+            # handled-stop, as a client that has read ``handled`` may.
             await service.remember(key, text, answer.text, implicit=implicit)
             metrics.count(service.name, "fallback" if answer.fell_back else "ok")
+            with contextlib.suppress(_ClientGone):
+                await self._send(HandledStop().event())
             if answer.first_chunk_s is not None:
                 metrics.observe(service.name, "first_chunk", answer.first_chunk_s, answer.level)
             metrics.observe(
