@@ -153,29 +153,53 @@ class Tally:
     not_sent: int = 0
 
 
-async def _exchange(port: int, events: Sequence[Event], last: frozenset[str]) -> str:
-    """Send ``events`` on a new connection, read until one of ``last`` or an error; the outcome."""
+async def _exchange(
+    port: int, events: Sequence[Event], last: frozenset[str], pace_s: Sequence[float] = ()
+) -> str:
+    """Send ``events`` on a new connection while reading, until one of ``last`` or an error.
+
+    ``pace_s[i]``, when given, is when event ``i`` is due after the first (audio
+    streamed in real time, as a satellite sends it). An answer that comes
+    before everything is sent (``busy`` at the connection cap) ends the
+    request; the unsent rest is dropped, as a client does.
+    """
     async with AsyncTcpClient("127.0.0.1", port) as client:
-        for event in events:
-            await client.write_event(event)
-        while True:
-            event = await client.read_event()
-            if event is None:
-                return "closed"
-            if event.type == "error":
-                return str((event.data or {}).get("code") or "error")
-            if event.type in last:
-                return "ok"
+
+        async def send() -> None:
+            began = time.monotonic()
+            with contextlib.suppress(OSError):  # the server answered and closed first
+                for index, event in enumerate(events):
+                    if index < len(pace_s):
+                        await asyncio.sleep(max(0.0, began + pace_s[index] - time.monotonic()))
+                    await client.write_event(event)
+
+        sender = asyncio.create_task(send())
+        try:
+            while True:
+                event = await client.read_event()
+                if event is None:
+                    return "closed"
+                if event.type == "error":
+                    return str((event.data or {}).get("code") or "error")
+                if event.type in last:
+                    return "ok"
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
 
 
-def asr_events(pcm: bytes, chunk_bytes: int = 3200) -> list[Event]:
-    """A French utterance, sent as fast as the socket takes it (audio-stop at its end)."""
+def asr_events(pcm: bytes, chunk_ms: int = 100) -> tuple[list[Event], list[float]]:
+    """A French utterance in ``chunk_ms`` chunks, and when each event is due in real time."""
+    step = pipeline.RATE * pipeline.WIDTH * pipeline.CHANNELS * chunk_ms // 1000
     chunks = [
-        AudioChunk(pipeline.RATE, pipeline.WIDTH, pipeline.CHANNELS, pcm[i : i + chunk_bytes]).event()
-        for i in range(0, len(pcm), chunk_bytes)
+        AudioChunk(pipeline.RATE, pipeline.WIDTH, pipeline.CHANNELS, pcm[i : i + step]).event()
+        for i in range(0, len(pcm), step)
     ]
     start = AudioStart(pipeline.RATE, pipeline.WIDTH, pipeline.CHANNELS).event()
-    return [Transcribe(language="fr").event(), start, *chunks, AudioStop().event()]
+    events = [Transcribe(language="fr").event(), start, *chunks, AudioStop().event()]
+    due = [0.0, 0.0, *(i * chunk_ms / 1000 for i in range(len(chunks))), len(chunks) * chunk_ms / 1000]
+    return events, due
 
 
 RequestMaker = Callable[[int], Awaitable[str]]
@@ -190,7 +214,8 @@ def request_makers(ports: dict[str, int], work: Path) -> dict[str, RequestMaker]
         utterances.append(asr_events(pipeline.read_wav_16k(path)))
 
     async def asr(n: int) -> str:
-        return await _exchange(ports["asr"], utterances[n % len(utterances)], frozenset({"transcript"}))
+        events, due = utterances[n % len(utterances)]
+        return await _exchange(ports["asr"], events, frozenset({"transcript"}), due)
 
     async def handle(n: int) -> str:
         text = HANDLE_TEXTS[n % len(HANDLE_TEXTS)]
@@ -333,6 +358,16 @@ async def recorded_counters(url: str, span_s: float) -> dict[tuple[str, str], Se
     return {(labels.get("service", ""), labels.get("outcome", "")): series for labels, series in samples}
 
 
+def _counted_all(counters: dict[tuple[str, str], Series], tallies: dict[str, Tally]) -> bool:
+    for name, tally in tallies.items():
+        counted = sum(
+            float(series.values[-1]) for (service, _), series in counters.items() if service == name
+        )
+        if counted < sum(tally.outcomes.values()):
+            return False
+    return True
+
+
 # --- the whole run ---------------------------------------------------------------------------
 
 
@@ -368,8 +403,14 @@ async def record(
         run_start = time.time()
         tallies = await generate(makers, demand, clock, seed)
         run_end = time.time()
-        await asyncio.sleep(3 * scrape_s)  # the last answers scraped
-        counters = await recorded_counters(url, time.time() - run_start + 10 * scrape_s)
+        # The last answers are scraped within a few intervals (later on a loaded machine);
+        # a count the servers lost never comes, and the summary shows the difference.
+        deadline = time.monotonic() + 20 * scrape_s
+        while True:
+            await asyncio.sleep(2 * scrape_s)
+            counters = await recorded_counters(url, time.time() - run_start + 10 * scrape_s)
+            if _counted_all(counters, tallies) or time.monotonic() > deadline:
+                break
     return Recording(counters, tallies, run_start, run_end)
 
 

@@ -2,8 +2,9 @@
 
 ``bench/recorded_traffic.py`` scores the forecast on a week recorded this way
 (40 minutes of load); this test runs the same code on a short recording. A
-real ``superwhisper tts`` process is scraped every second by a real
-Prometheus while the load generator sends French ``synthesize`` requests. The
+real ``superwhisper asr`` and ``tts`` process are scraped every second by a
+real Prometheus while the load generator streams French speech to one (in
+real time) and sends French ``synthesize`` requests to the other. The
 counters that Prometheus recorded are stretched onto the calendar and
 backfilled into a second Prometheus. The test checks that nothing is lost or
 invented on the way: every request the client saw answered is counted once
@@ -59,16 +60,17 @@ def test_stretch_maps_wall_clock_onto_the_calendar_and_keeps_totals() -> None:
 
 async def test_a_recorded_load_is_counted_once_and_backfilled_whole(tmp_path: Path) -> None:
     clock = Compression(START, days=2, seconds=20)
-    demand = demands(["tts"], peak_per_s=12.0, days=2, seed=3)
-    recording = await record(["tts"], clock, demand, tmp_path)
+    demand = demands(["asr", "tts"], peak_per_s=6.0, days=2, seed=3)
+    recording = await record(["asr", "tts"], clock, demand, tmp_path)
 
-    tally = recording.tallies["tts"]
-    sent = sum(tally.outcomes.values())
-    assert sent >= 30, tally.outcomes  # ~5 per second on average over two calendar days
-    assert not [o for o in tally.outcomes if o.startswith("failed")], tally.outcomes
-    counted = {outcome: int(s.values[-1]) for (service, outcome), s in recording.counters.items()}
-    assert set(recording.counters) <= {("tts", o) for o in tally.outcomes}
-    assert counted == dict(tally.outcomes)  # each answer counted once by the server, none invented
+    for service, tally in recording.tallies.items():
+        sent = sum(tally.outcomes.values())
+        assert sent >= 15, (service, tally.outcomes)  # ~2.5 per second on average over two days
+        assert not [o for o in tally.outcomes if o.startswith("failed")], (service, tally.outcomes)
+        counted = {o: int(s.values[-1]) for (name, o), s in recording.counters.items() if name == service}
+        assert (service, counted) == (service, dict(tally.outcomes))  # each answer counted once
+    assert {service for service, _ in recording.counters} == {"asr", "tts"}
+    counted = {o: int(s.values[-1]) for (name, o), s in recording.counters.items() if name == "tts"}
 
     (tmp_path / "backfill").mkdir()
     with prometheus_backfilled(
@@ -76,21 +78,36 @@ async def test_a_recorded_load_is_counted_once_and_backfilled_whole(tmp_path: Pa
     ) as url:
         async with aiohttp.ClientSession() as session:
             client = PrometheusClient(url, session)
-            end = START.timestamp() + 2 * 86_400 + 3_600
-            back = await client.samples(f"{METRIC}[{2 * 86_400 + 7_200}s]", at=end)
+            # Answers still arriving after the load stopped are kept, stretched like the rest.
+            last_scrape = max(float(series.times[-1]) for series in recording.counters.values())
+            end = START.timestamp() + (last_scrape - recording.run_start) * clock.factor + 1
+            back = [
+                (labels, series)
+                for labels, series in await client.samples(
+                    f"{METRIC}[{int(end - START.timestamp()) + 60}s]", at=end
+                )
+                if labels["service"] == "tts"
+            ]
             totals = {labels["outcome"]: int(series.values[-1]) for labels, series in back}
             assert totals == counted
-            times = np.concatenate([series.times for _, series in back])
-            # A series starts at the first scrape after its first answer: within a few scrapes.
-            assert START.timestamp() <= times.min() < START.timestamp() + 3 * clock.factor
-            assert START.timestamp() + 2 * 86_400 - 3_600 <= times.max() <= end
+            # Every scrape is back, at its wall-clock time mapped onto the calendar.
+            for labels, series in back:
+                live = recording.counters[("tts", labels["outcome"])]
+                kept = live.times >= recording.run_start
+                expected = np.round(
+                    START.timestamp() + (live.times[kept] - recording.run_start) * clock.factor
+                )
+                assert np.array_equal(series.times, expected), labels
+                assert np.array_equal(series.values, live.values[kept]), labels
+            assert START.timestamp() <= min(float(series.times[0]) for _, series in back)
+            assert max(float(series.times[-1]) for _, series in back) <= end
             rates = await client.query_range(
                 RATE_QUERY.format(window="6h"),
                 START.timestamp() + 6 * 3_600,
                 START.timestamp() + 2 * 86_400,
                 900,
             )
-            assert set(rates) == {"tts"}
+            assert set(rates) == {"asr", "tts"}
             assert len(rates["tts"].times) > 100 and float(rates["tts"].values.max()) > 0
             with pytest.raises(PrometheusError, match="not a range selector"):
                 await client.samples(f"sum({METRIC})", at=end)
