@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from wyoming.error import Error
+from wyoming.event import Event
 
 from wyoming_superwhisper.config import Settings, load_settings
 from wyoming_superwhisper.runtime.gpu import GpuDecision, choose_gpu
@@ -81,6 +83,29 @@ async def serving(service: WyomingService) -> AsyncIterator[ServiceServer]:
 @pytest.fixture
 def serve() -> Callable[[WyomingService], contextlib.AbstractAsyncContextManager[ServiceServer]]:
     return serving
+
+
+class HangsUpAfter:
+    """A client connection that closes once it has read an event of type ``last``.
+
+    Home Assistant reads ``transcript`` or ``handled`` and closes: every later
+    write of the server fails, as on a real socket whose peer has gone.
+    """
+
+    peer = f"{LOOPBACK}:1"
+    closed = False
+
+    def __init__(self, last: str) -> None:
+        self.last = last
+        self.events: list[Event] = []
+
+    async def write(self, event: Event) -> None:
+        if self.events and self.events[-1].type == self.last:
+            raise ConnectionResetError("the client has closed")
+        self.events.append(event)
+
+    async def error(self, text: str, code: str) -> None:
+        self.events.append(Error(text=text, code=code).event())
 
 
 # --- speech made by espeak-ng ---------------------------------------------------

@@ -23,11 +23,9 @@ import pytest_asyncio
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
-from wyoming.error import Error
-from wyoming.event import Event
 from wyoming.info import Describe, Info
 
-from tests.conftest import make_context, make_settings, requires_espeak
+from tests.conftest import HangsUpAfter, make_context, make_settings, requires_espeak
 from wyoming_superwhisper.asr.client import Exchange, pcm_bytes, transcribe
 from wyoming_superwhisper.asr.engines import (
     AsrEngine,
@@ -460,24 +458,6 @@ async def test_busy_when_the_queue_is_full(speech: Callable[..., np.ndarray]) ->
     assert answered.text == "ouvert"
 
 
-class HangsUpAfterTranscript:
-    """A client that reads ``transcript`` and closes, as Home Assistant does: later writes fail."""
-
-    peer = "127.0.0.1:1"
-    closed = False
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def write(self, event: Event) -> None:
-        if self.events and self.events[-1].type == "transcript":
-            raise ConnectionResetError("the client has closed")
-        self.events.append(event)
-
-    async def error(self, text: str, code: str) -> None:
-        self.events.append(Error(text=text, code=code).event())
-
-
 async def test_an_answer_is_counted_when_the_client_leaves_right_after_the_transcript(
     speech: Callable[..., np.ndarray],
 ) -> None:
@@ -487,7 +467,7 @@ async def test_an_answer_is_counted_when_the_client_leaves_right_after_the_trans
     service = AsrService(make_context(make_settings(**{"asr.speculative_pause_s": 0.0})), engines=[gated])
     await service.start()
     try:
-        client = HangsUpAfterTranscript()
+        client = HangsUpAfter("transcript")
         handler = service.create_handler(client)  # type: ignore[arg-type]
         start = AudioStart(RATE, 2, 1).event()
         chunks = [AudioChunk(RATE, 2, 1, audio[i : i + 3200]).event() for i in range(0, len(audio), 3200)]

@@ -27,7 +27,7 @@ from wyoming_superwhisper.runtime.metrics import Metrics
 from wyoming_superwhisper.runtime.registry import ModelRegistry, _packaged_catalog, load_catalog
 from wyoming_superwhisper.runtime.server import ServiceContext
 
-from ..conftest import LOOPBACK, make_context, make_settings
+from ..conftest import LOOPBACK, HangsUpAfter, make_context, make_settings
 
 GIB = 1024**3
 
@@ -363,24 +363,6 @@ async def test_memory_per_conversation_and_implicit_peer(serve: Any) -> None:
     assert service.last_prompt(f"peer:{LOOPBACK}") == list(engine.requests[4].messages)
 
 
-class HangsUpAfterHandled:
-    """A client that reads ``handled`` and closes: every later write fails."""
-
-    peer = f"{LOOPBACK}:1"
-    closed = False
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def write(self, event: Event) -> None:
-        if self.events and self.events[-1].type == "handled":
-            raise ConnectionResetError("the client has closed")
-        self.events.append(event)
-
-    async def error(self, text: str, code: str) -> None:
-        self.events.append(Event("error", {"text": text, "code": code}))
-
-
 async def test_an_answer_read_before_the_client_leaves_is_remembered_and_counted() -> None:
     engine = ScriptedEngine("a", FRENCH)
     service = service_with([engine])
@@ -388,7 +370,7 @@ async def test_an_answer_read_before_the_client_leaves_is_remembered_and_counted
     context = {"conversation_id": "cuisine"}
     try:
         for text in ("Quel temps fait-il ?", "Et demain ?"):
-            client = HangsUpAfterHandled()
+            client = HangsUpAfter("handled")
             handler = service.create_handler(client)  # type: ignore[arg-type]
             await handler.handle_event(Transcript(text=text, language="fr", context=context).event())
             assert handler._task is not None
