@@ -358,6 +358,21 @@ async def recorded_counters(url: str, span_s: float) -> dict[tuple[str, str], Se
     return {(labels.get("service", ""), labels.get("outcome", "")): series for labels, series in samples}
 
 
+async def scrape_health(url: str, span_s: float) -> dict[str, dict[str, float]]:
+    """How well Prometheus could scrape each server during the load: a missed scrape is a gap."""
+    window = f"{math.ceil(span_s)}s"
+    out: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession() as session:
+        client = PrometheusClient(url, session)
+        for name, query in (
+            ("up_ratio", f"avg_over_time(up[{window}])"),
+            ("slowest_scrape_s", f"max_over_time(scrape_duration_seconds[{window}])"),
+        ):
+            for labels, value in await client.instant(query):
+                out.setdefault(labels.get("job", ""), {})[name] = round(value, 3)
+    return out
+
+
 def _counted_all(counters: dict[tuple[str, str], Series], tallies: dict[str, Tally]) -> bool:
     for name, tally in tallies.items():
         counted = sum(
@@ -379,6 +394,8 @@ class Recording:
     tallies: dict[str, Tally]
     run_start: float
     run_end: float
+    scrapes: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per job: share of scrapes that succeeded (``up``) and the slowest scrape, in seconds."""
 
 
 async def record(
@@ -411,7 +428,8 @@ async def record(
             counters = await recorded_counters(url, time.time() - run_start + 10 * scrape_s)
             if _counted_all(counters, tallies) or time.monotonic() > deadline:
                 break
-    return Recording(counters, tallies, run_start, run_end)
+        scrapes = await scrape_health(url, time.time() - run_start)
+    return Recording(counters, tallies, run_start, run_end, scrapes)
 
 
 def summarize(recording: Recording) -> dict[str, Any]:
@@ -467,6 +485,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "backtest_step_s": args.step,
         "rate_window": args.rate_window,
         "load": summarize(recording),
+        "scrapes": recording.scrapes,
         "backtest": scores,
     }
 

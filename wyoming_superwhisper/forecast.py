@@ -276,6 +276,15 @@ class PrometheusClient:
             out[key] = Series(times[keep], values[keep])
         return out
 
+    async def instant(self, query: str) -> list[tuple[dict[str, str], float]]:
+        """An instant query now: (labels, value) per series."""
+        data = await self._get("/api/v1/query", {"query": query})
+        return [
+            (dict(item.get("metric", {})), float(item["value"][1]))
+            for item in data.get("result", [])
+            if isinstance(item.get("value"), list)
+        ]
+
     async def samples(self, selector: str, at: float | None = None) -> list[tuple[dict[str, str], Series]]:
         """The raw samples of a range selector (``metric[10m]``) at ``at``: scrape times, no step grid."""
         params: dict[str, Any] = {"query": selector}

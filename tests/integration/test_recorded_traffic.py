@@ -70,6 +70,9 @@ async def test_a_recorded_load_is_counted_once_and_backfilled_whole(tmp_path: Pa
         counted = {o: int(s.values[-1]) for (name, o), s in recording.counters.items() if name == service}
         assert (service, counted) == (service, dict(tally.outcomes))  # each answer counted once
     assert {service for service, _ in recording.counters} == {"asr", "tts"}
+    assert set(recording.scrapes) == {"superwhisper-asr", "superwhisper-tts"}
+    for job, health in recording.scrapes.items():  # a light load: (nearly) every scrape answered
+        assert health["up_ratio"] > 0.9 and 0 < health["slowest_scrape_s"] < 1.0, (job, health)
     counted = {o: int(s.values[-1]) for (name, o), s in recording.counters.items() if name == "tts"}
 
     (tmp_path / "backfill").mkdir()
