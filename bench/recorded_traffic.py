@@ -51,8 +51,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import numpy as np
-from wyoming.asr import Transcribe, Transcript
-from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.asr import Transcript
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 from wyoming.tts import Synthesize, SynthesizeVoice
@@ -153,53 +152,38 @@ class Tally:
     not_sent: int = 0
 
 
-async def _exchange(
-    port: int, events: Sequence[Event], last: frozenset[str], pace_s: Sequence[float] = ()
-) -> str:
-    """Send ``events`` on a new connection while reading, until one of ``last`` or an error.
-
-    ``pace_s[i]``, when given, is when event ``i`` is due after the first (audio
-    streamed in real time, as a satellite sends it). An answer that comes
-    before everything is sent (``busy`` at the connection cap) ends the
-    request; the unsent rest is dropped, as a client does.
-    """
+async def _exchange(port: int, event: Event, last: frozenset[str]) -> str:
+    """Send one request event on a new connection, read until one of ``last`` or an error."""
     async with AsyncTcpClient("127.0.0.1", port) as client:
-
-        async def send() -> None:
-            began = time.monotonic()
-            with contextlib.suppress(OSError):  # the server answered and closed first
-                for index, event in enumerate(events):
-                    if index < len(pace_s):
-                        await asyncio.sleep(max(0.0, began + pace_s[index] - time.monotonic()))
-                    await client.write_event(event)
-
-        sender = asyncio.create_task(send())
-        try:
-            while True:
-                event = await client.read_event()
-                if event is None:
-                    return "closed"
-                if event.type == "error":
-                    return str((event.data or {}).get("code") or "error")
-                if event.type in last:
-                    return "ok"
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+        await client.write_event(event)
+        while True:
+            answer = await client.read_event()
+            if answer is None:
+                return "closed"
+            if answer.type == "error":
+                return str((answer.data or {}).get("code") or "error")
+            if answer.type in last:
+                return "ok"
 
 
-def asr_events(pcm: bytes, chunk_ms: int = 100) -> tuple[list[Event], list[float]]:
-    """A French utterance in ``chunk_ms`` chunks, and when each event is due in real time."""
-    step = pipeline.RATE * pipeline.WIDTH * pipeline.CHANNELS * chunk_ms // 1000
-    chunks = [
-        AudioChunk(pipeline.RATE, pipeline.WIDTH, pipeline.CHANNELS, pcm[i : i + step]).event()
-        for i in range(0, len(pcm), step)
-    ]
-    start = AudioStart(pipeline.RATE, pipeline.WIDTH, pipeline.CHANNELS).event()
-    events = [Transcribe(language="fr").event(), start, *chunks, AudioStop().event()]
-    due = [0.0, 0.0, *(i * chunk_ms / 1000 for i in range(len(chunks))), len(chunks) * chunk_ms / 1000]
-    return events, due
+async def _streamed_transcript(port: int, pcm: bytes) -> str:
+    """One French utterance streamed in real time with the pipeline's own ASR client."""
+    try:
+        async with pipeline.connect_stage("asr", f"tcp://127.0.0.1:{port}", REQUEST_TIMEOUT_S) as client:
+            await pipeline.stream_transcribe(
+                client,
+                pcm,
+                language="fr",
+                realtime=True,
+                chunk_ms=100,
+                clock=pipeline.StageClock(),
+                timings=pipeline.PipelineTimings(),
+            )
+    except pipeline.PipelineError as error:
+        # The server's error code (busy, transcription-failed...), or what the socket did.
+        code = error.code or "error"
+        return f"failed:{code}" if code in {"connect", "connection", "timeout"} else code
+    return "ok"
 
 
 RequestMaker = Callable[[int], Awaitable[str]]
@@ -211,20 +195,18 @@ def request_makers(ports: dict[str, int], work: Path) -> dict[str, RequestMaker]
     for index, text in enumerate(ASR_COMMANDS):
         path = work / f"asr-{index}.wav"
         espeak_wav(text, "fr", path, tail_s=0.3)
-        utterances.append(asr_events(pipeline.read_wav_16k(path)))
+        utterances.append(pipeline.read_wav_16k(path))
 
     async def asr(n: int) -> str:
-        events, due = utterances[n % len(utterances)]
-        return await _exchange(ports["asr"], events, frozenset({"transcript"}), due)
+        return await _streamed_transcript(ports["asr"], utterances[n % len(utterances)])
 
     async def handle(n: int) -> str:
-        text = HANDLE_TEXTS[n % len(HANDLE_TEXTS)]
-        event = Transcript(text=text, language="fr").event()
-        return await _exchange(ports["handle"], [event], frozenset({"handled", "not-handled"}))
+        event = Transcript(text=HANDLE_TEXTS[n % len(HANDLE_TEXTS)], language="fr").event()
+        return await _exchange(ports["handle"], event, frozenset({"handled", "not-handled"}))
 
     async def tts(n: int) -> str:
         event = Synthesize(text=TTS_TEXTS[n % len(TTS_TEXTS)], voice=SynthesizeVoice(language="fr")).event()
-        return await _exchange(ports["tts"], [event], frozenset({"audio-stop"}))
+        return await _exchange(ports["tts"], event, frozenset({"audio-stop"}))
 
     makers: dict[str, RequestMaker] = {"asr": asr, "handle": handle, "tts": tts}
     return {name: makers[name] for name in ports}
