@@ -36,6 +36,7 @@ from wyoming_superwhisper.asr.engines import (
     normalize,
 )
 from wyoming_superwhisper.asr.service import AsrService
+from wyoming_superwhisper.asr.vad import VadStream
 from wyoming_superwhisper.runtime.fallback import EngineError
 from wyoming_superwhisper.runtime.server import ServiceServer
 
@@ -479,6 +480,29 @@ async def test_an_answer_is_counted_when_the_client_leaves_right_after_the_trans
         assert requests.labels("asr", "ok")._value.get() == 1  # the bench's server count missed these
     finally:
         await service.stop()
+
+
+async def test_vad_runs_off_the_event_loop(
+    speech: Callable[..., np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silero on the loop starved every other connection and /metrics under load (recorded traffic)."""
+    threads: list[int] = []
+    real_frame = VadStream._frame
+
+    def spied_frame(stream: VadStream, frame: np.ndarray) -> float:
+        threads.append(threading.get_ident())
+        return real_frame(stream, frame)
+
+    monkeypatch.setattr(VadStream, "_frame", spied_frame)
+    gated = GatedEngine()
+    gated.gate.set()
+    audio = pcm_bytes(padded(speech("Ouvre la porte.")))
+    async with running([gated], speculative_pause_s=0.0) as (_, server):
+        exchange = await transcribe(server.port or 0, audio)  # 20 ms chunks: frames span chunks
+    assert exchange.text == "ouvert"
+    assert "voice-started" in exchange.types  # the VAD saw the speech
+    assert len(threads) == len(audio) // 2 // 512
+    assert threading.get_ident() not in threads
 
 
 async def test_disconnect_mid_stream_frees_everything(

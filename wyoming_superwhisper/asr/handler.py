@@ -159,7 +159,7 @@ class AsrHandler(EventHandler):
         samples = utterance.converter.convert(event.payload or b"")
         if not await self._append_checked(utterance, samples):
             return
-        for probability in utterance.vad.process(samples):
+        for probability in await self.service.vad.probabilities(utterance.vad, samples):
             for vad_event in utterance.tracker.update(probability):
                 await self._on_vad(utterance, vad_event)
             if utterance.answered or utterance.final is not None:

@@ -206,6 +206,7 @@ class AsrService(WyomingService):
         if self.hass is not None:
             await self.hass.stop()
         await super().stop()
+        self.vad.close()
 
     async def smoke(self) -> str:
         """Transcribe about a second of French speech (espeak-ng) or, without it, a tone."""

@@ -7,7 +7,9 @@ Two parts, kept apart so the decisions are testable without a model:
   session's ``run`` is thread-safe and stateless); each stream keeps its own
   recurrent state and 64-sample context, so a stream costs nothing to open.
   Without onnxruntime the TorchScript model of the ``silero_vad`` package is
-  used instead, one instance per stream.
+  used instead, one instance per stream. :meth:`SileroVad.probabilities` runs
+  a stream's frames on the VAD's own worker threads: inline, tens of streams
+  starve the event loop, and with it every other connection and ``/metrics``.
 * :class:`SpeechTracker` is a pure state machine over those probabilities:
   where speech starts and ends, when a pause is long enough to decode
   speculatively, when it is long enough to end the utterance.
@@ -15,10 +17,13 @@ Two parts, kept apart so the decisions are testable without a model:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import importlib.util
 import logging
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -37,10 +42,12 @@ SAMPLE_RATE = 16000
 class SileroVad:
     """The shared Silero model; :meth:`stream` opens a per-utterance detector."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int | None = None) -> None:
         self._session: Any = None
         self._lock = threading.Lock()
         self.backend = ""
+        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._executor: ThreadPoolExecutor | None = None
 
     def load(self) -> None:
         """Load once (about 0.1 s); the ONNX model ships inside the ``silero_vad`` wheel."""
@@ -75,6 +82,27 @@ class SileroVad:
 
         return VadStream(None, silero_vad.load_silero_vad())
 
+    async def probabilities(self, stream: VadStream, samples: np.ndarray) -> list[float]:
+        """``stream.process(samples)`` off the event loop when it completes a frame.
+
+        A stream's chunks arrive one after the other on its connection, so its
+        frames never run concurrently; different streams run in parallel
+        (ONNX Runtime releases the GIL). Samples that complete no frame are
+        only buffered, which needs no thread.
+        """
+        if not stream.completes_frame(len(samples)):
+            return stream.process(samples)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="silero-vad")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, stream.process, samples)
+
+    def close(self) -> None:
+        """Stop the worker threads (frames already queued still run)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
 
 class VadStream:
     """Feeds 16 kHz samples of one stream to Silero; yields one probability per frame."""
@@ -86,6 +114,10 @@ class VadStream:
         self._context = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
         self._pending = np.zeros(0, dtype=np.float32)
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def completes_frame(self, count: int) -> bool:
+        """True when ``count`` more samples complete at least one frame."""
+        return len(self._pending) + count >= FRAME_SAMPLES
 
     def process(self, samples: np.ndarray) -> list[float]:
         """Speech probability of every whole frame completed by ``samples``."""
