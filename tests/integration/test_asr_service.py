@@ -459,6 +459,25 @@ async def test_busy_when_the_queue_is_full(speech: Callable[..., np.ndarray]) ->
     assert answered.text == "ouvert"
 
 
+async def test_waiting_behind_other_decodes_past_the_timeout_is_busy_not_a_broken_engine(
+    whisper: WhisperEngine, speech: Callable[..., np.ndarray]
+) -> None:
+    """Under the recorded load, queueing for the model timed out and opened the circuit."""
+    audio = pcm_bytes(padded(speech(FRENCH[4])))
+    settings = {"timeout_s": 0.5, "failure_threshold": 1, "speculative_pause_s": 0.0}
+    async with running([SharedEngine(whisper)], **settings) as (service, server):
+        async with whisper._lock:  # another decode holds the model
+            refused = await transcribe(server.port or 0, audio)
+        answered = await transcribe(server.port or 0, audio)
+        requests = service.context.metrics.requests
+        busy = requests.labels("asr", "busy")._value.get()
+        circuit = service.chain.status()[0]["circuit"]
+    assert refused.error is not None and refused.error.code == "busy", refused.types
+    assert "queued" in refused.error.text
+    assert (busy, circuit) == (1, "closed")
+    assert "capitale" in normalize(answered.text or "")
+
+
 async def test_an_answer_is_counted_when_the_client_leaves_right_after_the_transcript(
     speech: Callable[..., np.ndarray],
 ) -> None:

@@ -15,6 +15,7 @@ from wyoming_superwhisper.runtime.fallback import (
     FallbackChain,
     Outcome,
     QualityRejected,
+    engine_turn,
 )
 
 
@@ -27,6 +28,8 @@ class FakeEngine:
     fail_load: bool = False
     fail_call: BaseException | None = None
     hang: bool = False
+    work_s: float = 0.0
+    """With a delay, the engine serves one request at a time, as a real model does."""
     loads: int = 0
     closes: int = 0
     calls: int = 0
@@ -39,8 +42,14 @@ class FakeEngine:
     async def close(self) -> None:
         self.closes += 1
 
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
     async def work(self, text: str) -> str:
         self.calls += 1
+        if self.work_s:
+            async with engine_turn(self.turn):
+                await asyncio.sleep(3600 if self.hang else self.work_s)
+                return self.answer or f"{self.name}:{text}"
         if self.hang:
             await asyncio.sleep(3600)
         if self.fail_call is not None:
@@ -275,3 +284,48 @@ async def test_quality_rejections_never_open_the_circuit() -> None:
         assert result.level == 1
     assert chain.levels[0].breaker.state is CircuitState.CLOSED
     assert chain.levels[0].last_error == "rejected: garbage"
+
+
+async def test_waiting_for_the_engine_is_not_engine_time() -> None:
+    # Each request works 0.6 timeout: the second is answered 1.2 timeouts after it was asked.
+    chain, recorder, _ = make_chain(FakeEngine("big", work_s=0.3), FakeEngine("small"), timeout_s=0.5)
+    results = await asyncio.gather(ask(chain, "0"), ask(chain, "1"))
+    assert results == [("big:0", 0), ("big:1", 0)]
+    assert [a.outcome for a in recorder.attempts] == [Outcome.OK] * 2
+
+
+async def test_a_request_still_queued_at_its_timeout_is_overload_not_a_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    big = FakeEngine("big", work_s=0.5)
+    chain, recorder, _ = make_chain(big, failure_threshold=1)
+    first = asyncio.create_task(chain.run(lambda e: e.work("long"), timeout_s=5.0))
+    await asyncio.sleep(0.05)  # the first one holds the model
+    with caplog.at_level(logging.WARNING, logger="wyoming_superwhisper.runtime.fallback"):
+        for _ in range(3):
+            with pytest.raises(AllLevelsFailed) as failure:
+                await chain.run(lambda e: e.work("x"), timeout_s=0.05)
+            assert failure.value.overloaded
+            assert [a.outcome for a in failure.value.attempts] == [Outcome.QUEUED]
+    assert chain.levels[0].breaker.state is CircuitState.CLOSED  # one failure would have opened it
+    assert (await first).value == "big:long"
+    assert any("big still busy with other requests after 0.05 s" in r.getMessage() for r in caplog.records)
+    assert recorder.circuits == []
+
+
+async def test_a_queued_request_goes_to_the_next_level() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", work_s=0.5), FakeEngine("small"), timeout_s=0.1)
+    first = asyncio.create_task(chain.run(lambda e: e.work("long"), timeout_s=5.0))
+    await asyncio.sleep(0.05)
+    result = await chain.run(lambda e: e.work("x"))
+    assert (result.value, [a.outcome for a in result.attempts]) == ("small:x", [Outcome.QUEUED, Outcome.OK])
+    await first
+
+
+async def test_an_engine_that_hangs_with_the_model_still_times_out_and_opens_the_circuit() -> None:
+    chain, _, _ = make_chain(FakeEngine("big", work_s=0.1, hang=True), failure_threshold=1, timeout_s=0.05)
+    with pytest.raises(AllLevelsFailed) as failure:
+        await chain.run(lambda e: e.work("x"))
+    assert not failure.value.overloaded
+    assert [a.outcome for a in failure.value.attempts] == [Outcome.TIMEOUT]
+    assert chain.levels[0].breaker.state is CircuitState.OPEN

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..audio import TARGET_RATE, to_pcm16
-from ..runtime.fallback import EngineError
+from ..runtime.fallback import EngineError, engine_turn
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class WhisperEngine:
     async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
         if self.languages and request.language not in self.languages:
             raise EngineError(f"{self.model_name} does not speak {request.language!r}")
-        async with self._lock:
+        async with engine_turn(self._lock):
             if cancel is not None and cancel.is_set():
                 raise DecodeCancelled("dropped before it started")
             model = self._model

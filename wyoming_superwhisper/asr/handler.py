@@ -281,6 +281,10 @@ class AsrHandler(EventHandler):
             return
         except AllLevelsFailed as error:
             utterance.answered = True
+            if error.overloaded:  # waited asr.timeout_s behind other decodes: load, not a fault
+                metrics.count(self.service.name, "busy")
+                await self.connection.error(f"server busy: {error}", "busy")
+                return
             metrics.count(self.service.name, "error")
             await self.connection.error(str(error), "transcription-failed")
             return

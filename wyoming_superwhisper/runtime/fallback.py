@@ -6,15 +6,24 @@ gets :class:`AllLevelsFailed` listing every attempt, which the handler turns
 into a Wyoming ``error`` event. The chain knows nothing of speech: engines are
 opaque objects with a small lifecycle, the work is a coroutine the caller
 passes in.
+
+A level's ``timeout_s`` measures the engine's work, not the wait for it: an
+engine that serves one request at a time takes its model through
+:func:`engine_turn`, and a request that times out still waiting there ends
+:attr:`Outcome.QUEUED`, which is overload (``busy`` to the client), not a
+broken engine, so it never opens the circuit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -61,6 +70,7 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"
     OUT_OF_MEMORY = "out_of_memory"
     REJECTED = "rejected"  # quality gate
+    QUEUED = "queued"  # timed out waiting for the engine's turn: overload, not a fault
 
 
 @dataclass
@@ -148,6 +158,47 @@ class AllLevelsFailed(Exception):
             f"{a.engine}: {a.outcome.value}{' (' + a.reason + ')' if a.reason else ''}" for a in self.attempts
         )
         super().__init__(f"{service}: every engine failed ({detail or 'no engine configured'})")
+
+    @property
+    def overloaded(self) -> bool:
+        """True when the levels tried were all still busy with other requests: answer ``busy``."""
+        tried = [a for a in self.attempts if a.outcome is not Outcome.SKIPPED]
+        return bool(tried) and all(a.outcome is Outcome.QUEUED for a in tried)
+
+
+class _Turn:
+    """The time limit of one chain call; restarts when the engine's turn comes."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.limit: asyncio.Timeout | None = None
+        self.queued = False
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        if self.limit is not None and self.queued:
+            self.limit.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
+
+
+_TURN: ContextVar[_Turn | None] = ContextVar("superwhisper_engine_turn", default=None)
+
+
+@contextlib.asynccontextmanager
+async def engine_turn(lock: AbstractAsyncContextManager[Any]) -> AsyncIterator[None]:
+    """Hold an engine's one-at-a-time ``lock`` for a chain call.
+
+    The wait for the lock is queueing behind other requests; the level's
+    timeout starts again when the lock is held, so only the engine's own work
+    can time it out. Outside a chain call it is just ``async with lock``.
+    """
+    turn = _TURN.get()
+    if turn is not None:
+        turn.queued = True
+    async with lock:
+        if turn is not None:
+            turn.start()
+        yield
 
 
 class MemoryWatch(Protocol):
@@ -307,18 +358,27 @@ class FallbackChain(Generic[E]):
             started = self._clock()
             used_before = self.memory.before() if self.memory is not None else None
             measured = False
+            turn = _Turn(timeout)
+            token = _TURN.set(turn)
             try:
-                value = await asyncio.wait_for(call(state.engine), timeout)
+                async with asyncio.timeout(timeout) as turn.limit:
+                    value = await call(state.engine)
             except asyncio.CancelledError:
                 state.breaker.abandon()
                 raise
             except TimeoutError:
-                # Also time spent waiting for the model behind other requests: an overloaded
-                # server shows here first, so it is logged like any other failure.
-                _LOGGER.warning("%s: %s timed out after %g s", self.service, name, timeout)
-                attempt = Attempt(
-                    index, name, Outcome.TIMEOUT, self._clock() - started, f"over {timeout:g} s"
-                )
+                if turn.queued and not turn.started:
+                    _LOGGER.warning(
+                        "%s: %s still busy with other requests after %g s", self.service, name, timeout
+                    )
+                    attempt = Attempt(
+                        index, name, Outcome.QUEUED, self._clock() - started, f"waited {timeout:g} s"
+                    )
+                else:
+                    _LOGGER.warning("%s: %s timed out after %g s", self.service, name, timeout)
+                    attempt = Attempt(
+                        index, name, Outcome.TIMEOUT, self._clock() - started, f"over {timeout:g} s"
+                    )
             except Exception as error:  # any engine failure is the next level's cue
                 outcome = Outcome.OUT_OF_MEMORY if _is_out_of_memory(error) else Outcome.FAILED
                 if isinstance(error, QualityRejected):
@@ -344,6 +404,8 @@ class FallbackChain(Generic[E]):
                     return ChainResult(value, index, name, tuple(attempts))
                 _LOGGER.info("%s: %s answer rejected: %s", self.service, name, reason)
                 attempt = Attempt(index, name, Outcome.REJECTED, seconds, reason)
+            finally:
+                _TURN.reset(token)
             if self.memory is not None and not measured:
                 await self.memory.after(self.service, used_before)
             attempts.append(self._fail(index, attempt))
@@ -394,9 +456,10 @@ class FallbackChain(Generic[E]):
     def _fail(self, index: int, attempt: Attempt) -> Attempt:
         state = self.levels[index]
         before = state.breaker.state
-        if attempt.outcome is Outcome.REJECTED:
+        if attempt.outcome in (Outcome.REJECTED, Outcome.QUEUED):
             # A rejected answer says more about the input (noise, an odd prompt) than about
-            # the engine: it moves the request on, but never opens a healthy engine's circuit.
+            # the engine, a queued one about the load: either moves the request on, but
+            # never opens a healthy engine's circuit.
             state.breaker.abandon()
             state.last_error = f"{attempt.outcome.value}: {attempt.reason}"
             return self._record(attempt)

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ..runtime.fallback import EngineError
+from ..runtime.fallback import EngineError, engine_turn
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class PiperEngine(TtsEngine):
             raise EngineError(f"{self.name} is not loaded")
         speaker_id = self._speaker_id(options.speaker)
         scale = self.length_scale * options.length_scale
-        async with self._lock.hold(options.priority):
+        async with engine_turn(self._lock.hold(options.priority)):
             voice = self._voice
             if voice is None:
                 raise EngineError(f"{self.name} was closed")
@@ -351,7 +351,7 @@ class EspeakEngine(TtsEngine):
     async def synthesize(self, text: str, options: SynthesisOptions) -> Audio:
         speed = max(80, min(450, round(ESPEAK_WPM / max(options.length_scale, 0.1))))
         voice = self.voice if not options.speaker else f"{self.voice}+{options.speaker}"
-        async with self._gate:
+        async with engine_turn(self._gate):
             try:
                 process = await asyncio.create_subprocess_exec(
                     str(self.binary), "-v", voice, "-s", str(speed), "--stdout", "--stdin",

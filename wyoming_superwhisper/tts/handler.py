@@ -107,8 +107,12 @@ class _Response:
                     result = await service.speak(self.route, segment, options)
                 except AllLevelsFailed as error:
                     _LOGGER.warning("tts %s: %s", connection.peer, error)
-                    metrics.count(service.name, "error")
-                    await connection.error(f"no voice could speak this text: {error}", "synthesis-failed")
+                    if error.overloaded:  # every voice still busy after tts.timeout_s
+                        metrics.count(service.name, "busy")
+                        await connection.error(f"server busy: {error}", "busy")
+                    else:
+                        metrics.count(service.name, "error")
+                        await connection.error(f"no voice could speak this text: {error}", "synthesis-failed")
                     failed = True
                     continue
                 if result is None:
