@@ -421,7 +421,7 @@ def summarize(recording: Recording) -> dict[str, Any]:
         counted = {
             outcome: int(series.values[-1])
             for (service, outcome), series in recording.counters.items()
-            if service == name and len(series.values)
+            if service == name and len(series.values) and series.values[-1]
         }
         ok = sorted(tally.seconds_ok)
         out[name] = {

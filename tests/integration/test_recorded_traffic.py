@@ -68,6 +68,8 @@ async def test_a_recorded_load_is_counted_once_and_backfilled_whole(tmp_path: Pa
         assert sent >= 15, (service, tally.outcomes)  # ~2.5 per second on average over two days
         assert not [o for o in tally.outcomes if o.startswith("failed")], (service, tally.outcomes)
         counted = {o: int(s.values[-1]) for (name, o), s in recording.counters.items() if name == service}
+        assert set(counted) >= {"ok", "busy", "error", "fallback", "rejected_input"}  # there from the start
+        counted = {o: n for o, n in counted.items() if n}
         assert (service, counted) == (service, dict(tally.outcomes))  # each answer counted once
     assert {service for service, _ in recording.counters} == {"asr", "tts"}
     assert set(recording.scrapes) == {"superwhisper-asr", "superwhisper-tts"}

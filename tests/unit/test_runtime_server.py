@@ -6,6 +6,7 @@ A tiny echo service stands in for ASR/handle/TTS: the runtime is under test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
@@ -231,6 +233,37 @@ async def test_connection_cap_answers_busy(server: ServiceServer) -> None:
     assert answer is not None and answer.type == "echo"
 
 
+@pytest.mark.parametrize("server", [{"server.max_connections": 2}], indirect=True)
+async def test_a_satellite_streaming_into_a_full_server_reads_busy_not_a_reset(server: ServiceServer) -> None:
+    """Closing on unread audio sends a TCP reset, which destroyed the busy answer (13-97 per load test)."""
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    chunk = AudioChunk(16000, 2, 1, bytes(6400)).event()
+
+    async def stream_audio(client: AsyncTcpClient) -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # as a satellite does: audio goes on until an answer comes
+                await client.write_event(chunk)
+                await asyncio.sleep(0.002)
+
+    client = AsyncTcpClient("127.0.0.1", server.port)
+    await client.connect()
+    streaming = asyncio.create_task(stream_audio(client))
+    await asyncio.sleep(0.3)  # the server has answered while audio was still arriving
+    try:
+        answer: Event | Exception | None = await asyncio.wait_for(client.read_event(), 5)
+    except ConnectionError as error:  # what Home Assistant saw instead of "busy"
+        answer = error
+    streaming.cancel()
+    with contextlib.suppress(ConnectionError):
+        await client.disconnect()
+    assert isinstance(answer, Event) and answer.type == "error", answer
+    assert answer.data["code"] == "busy"
+    assert server.active == 2  # a refused connection never takes a slot
+    for _, writer in held:
+        writer.close()
+
+
 async def test_shutdown_lets_a_running_request_finish(server: ServiceServer) -> None:
     client = AsyncTcpClient("127.0.0.1", server.port)
     await client.connect()
@@ -278,6 +311,9 @@ async def test_ops_http_endpoints() -> None:
                     in text
                 )
                 assert 'superwhisper_ready{service="broken-echo"} 0.0' in text
+                # Every outcome exists from the start, so rate() sees the first busy of a burst.
+                assert 'superwhisper_requests_total{outcome="busy",service="echo"} 0.0' in text
+                assert 'outcome="busy",service="broken-echo"' not in text  # never served
                 assert "process_resident_memory_bytes" in text
                 assert "superwhisper_gpu_memory_used_bytes" not in text  # absent on CPU, not faked
             async with session.get(f"{base}/status") as response:

@@ -156,6 +156,16 @@ class Metrics:
     def on_load(self, service: str, engine: str, seconds: float) -> None:
         self.model_load_seconds.labels(service, engine).set(seconds)
 
+    def expect_requests(self, service: str) -> None:
+        """Create every outcome's series at 0 when a service starts serving.
+
+        A counter series that only appears at its first increment makes
+        ``rate()`` and ``increase()`` miss that request: the first ``busy`` of
+        a burst would be invisible to the autoscaler and the forecaster.
+        """
+        for outcome in REQUEST_OUTCOMES:
+            self.requests.labels(service, outcome)
+
     def count(self, service: str, outcome: str) -> None:
         if outcome not in REQUEST_OUTCOMES:
             raise ValueError(f"unknown request outcome {outcome!r}")

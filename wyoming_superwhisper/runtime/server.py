@@ -35,6 +35,11 @@ from .registry import ModelRegistry
 
 _LOGGER = logging.getLogger(__name__)
 
+LINGER_S = 2.0
+"""How long a closing connection drops what the client still sends, so it can read our last answer."""
+LINGER_BYTES = 1 << 20
+"""At most this much is dropped (about 30 s of 16 kHz audio) before the socket is closed anyway."""
+
 
 @dataclass
 class ServiceContext:
@@ -179,6 +184,8 @@ class ServiceServer:
         self.metrics = service.context.metrics
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        """Connections answered and closing (``_close``); they hold no slot."""
         self.port: int | None = None
         self.host: str | None = None
 
@@ -200,6 +207,7 @@ class ServiceServer:
             raise ValueError(
                 f"{self.service.name}: only tcp:// and unix:// URIs are served, not {self.service.uri}"
             )
+        self.metrics.expect_requests(self.service.name)
         _LOGGER.info("%s listening on %s (port %s)", self.service.name, self.service.uri, self.port)
 
     @property
@@ -209,6 +217,16 @@ class ServiceServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._tasks) >= self.max_connections:
+            self._closing.add(task)  # a refused connection never takes a slot
+            try:
+                self.metrics.count(self.service.name, "busy")
+                connection = Connection(self.service.name, writer, self.metrics)
+                await connection.error(f"server busy: {self.max_connections} connections open", "busy")
+            finally:
+                await self._close(reader, writer)
+                self._closing.discard(task)
+            return
         self._tasks.add(task)
         gauge = self.metrics.active_connections.labels(self.service.name)
         gauge.inc()
@@ -217,6 +235,31 @@ class ServiceServer:
         finally:
             gauge.dec()
             self._tasks.discard(task)
+            self._closing.add(task)
+            await self._close(reader, writer)
+            self._closing.discard(task)
+
+    @staticmethod
+    async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, drop what the client still sends (briefly), then close.
+
+        Closing a socket with unread input makes the kernel send a TCP reset,
+        and the client's stack (asyncio's among them) then discards the answer
+        it had not read yet: a satellite still streaming audio into a full
+        server never saw its ``busy``, nor a refused one its ``error``.
+        """
+        try:
+            with contextlib.suppress(Exception):  # whatever state the socket is in, it gets closed
+                if not writer.is_closing() and writer.can_write_eof():
+                    writer.write_eof()
+                async with asyncio.timeout(LINGER_S):
+                    dropped = 0
+                    while dropped < LINGER_BYTES:
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        dropped += len(data)
+        finally:
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
@@ -224,10 +267,6 @@ class ServiceServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name = self.service.name
         connection = Connection(name, writer, self.metrics)
-        if self.active > self.max_connections:
-            self.metrics.count(name, "busy")
-            await connection.error(f"server busy: {self.max_connections} connections open", "busy")
-            return
         handler = self.service.create_handler(connection)
         bucket = _TokenBucket(self.max_events_per_second)
         try:
@@ -271,6 +310,10 @@ class ServiceServer:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2.0)
+        for task in set(self._closing):
+            task.cancel()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=2.0)
         if self._server is not None:
             await self._server.wait_closed()
 
