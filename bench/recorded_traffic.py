@@ -21,7 +21,7 @@ from a formula. This one records the traffic from the real system instead:
    naive and PromQL ``predict_linear``. The known arrival rate gives the
    ceiling that Poisson noise leaves ("oracle").
 
-A 1 s scrape is ``compression`` seconds of calendar (324 s at 9 days in 40
+A 1 s scrape is ``compression`` seconds of calendar (370 s at the default 9 days in 35
 min), so the backtest reads the rate over ``--rate-window`` (1 h of calendar)
 at 15-minute steps, not the live service's 5 minutes.
 
@@ -476,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--services", default="asr,handle,tts")
     parser.add_argument("--days", type=float, default=9.0, help="calendar days played (≥ 8: a week + 1)")
-    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock minutes they are played in")
-    parser.add_argument("--peak", type=float, default=25.0, help="arrivals/s per service at the peak")
+    parser.add_argument("--minutes", type=float, default=35.0, help="wall-clock minutes they are played in")
+    parser.add_argument("--peak", type=float, default=40.0, help="arrivals/s per service at the peak")
     parser.add_argument("--step", type=int, default=900, help="backtest step, calendar seconds")
     parser.add_argument("--rate-window", default="1h", help="rate window on the calendar (hours)")
     parser.add_argument("--seed", type=int, default=7)
