@@ -152,8 +152,12 @@ class Tally:
     not_sent: int = 0
 
 
-async def _exchange(port: int, event: Event, last: frozenset[str]) -> str:
-    """Send one request event on a new connection, read until one of ``last`` or an error."""
+async def _exchange(port: int, event: Event, last: dict[str, str]) -> str:
+    """Send one request event on a new connection; the outcome ``last`` maps the final event to.
+
+    Named as the server counts it (``superwhisper_requests_total``): ``not-handled``
+    (the spoken apology when no LLM answered) is an ``error``, not an answer.
+    """
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(event)
         while True:
@@ -163,7 +167,7 @@ async def _exchange(port: int, event: Event, last: frozenset[str]) -> str:
             if answer.type == "error":
                 return str((answer.data or {}).get("code") or "error")
             if answer.type in last:
-                return "ok"
+                return last[answer.type]
 
 
 async def _streamed_transcript(port: int, pcm: bytes) -> str:
@@ -202,11 +206,11 @@ def request_makers(ports: dict[str, int], work: Path) -> dict[str, RequestMaker]
 
     async def handle(n: int) -> str:
         event = Transcript(text=HANDLE_TEXTS[n % len(HANDLE_TEXTS)], language="fr").event()
-        return await _exchange(ports["handle"], event, frozenset({"handled", "not-handled"}))
+        return await _exchange(ports["handle"], event, {"handled": "ok", "not-handled": "error"})
 
     async def tts(n: int) -> str:
         event = Synthesize(text=TTS_TEXTS[n % len(TTS_TEXTS)], voice=SynthesizeVoice(language="fr")).event()
-        return await _exchange(ports["tts"], event, frozenset({"audio-stop"}))
+        return await _exchange(ports["tts"], event, {"audio-stop": "ok"})
 
     makers: dict[str, RequestMaker] = {"asr": asr, "handle": handle, "tts": tts}
     return {name: makers[name] for name in ports}
