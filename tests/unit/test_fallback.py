@@ -329,3 +329,22 @@ async def test_an_engine_that_hangs_with_the_model_still_times_out_and_opens_the
     assert not failure.value.overloaded
     assert [a.outcome for a in failure.value.attempts] == [Outcome.TIMEOUT]
     assert chain.levels[0].breaker.state is CircuitState.OPEN
+
+
+async def test_a_task_that_outlives_its_chain_call_can_still_take_the_engine() -> None:
+    # A task spawned inside a call inherits the call's context, turn included.
+    lock = asyncio.Lock()
+    later: list[asyncio.Task[str]] = []
+
+    async def spawn(engine: FakeEngine) -> str:
+        async def afterwards() -> str:
+            await asyncio.sleep(0.05)
+            async with engine_turn(lock):
+                return "served"
+
+        later.append(asyncio.create_task(afterwards()))
+        return engine.name
+
+    chain, _, _ = make_chain(FakeEngine("big"))
+    assert (await chain.run(spawn)).value == "big"
+    assert await later[0] == "served"  # the call's time limit is over; it must not be touched

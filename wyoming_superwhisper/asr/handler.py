@@ -274,19 +274,15 @@ class AsrHandler(EventHandler):
                 decoded: Decoded | None = None  # no speech at all: nothing to decode, nothing to invent
             else:
                 decoded = await self._final_decode(utterance, span)
-        except QueueFull as error:
+        except (QueueFull, AllLevelsFailed) as error:
             utterance.answered = True
-            metrics.count(self.service.name, "busy")
-            await self.connection.error(f"server busy: {error}", "busy")
-            return
-        except AllLevelsFailed as error:
-            utterance.answered = True
-            if error.overloaded:  # waited asr.timeout_s behind other decodes: load, not a fault
+            # Queue full, or every level still busy at asr.timeout_s: load, not a fault.
+            if isinstance(error, QueueFull) or error.overloaded:
                 metrics.count(self.service.name, "busy")
                 await self.connection.error(f"server busy: {error}", "busy")
-                return
-            metrics.count(self.service.name, "error")
-            await self.connection.error(str(error), "transcription-failed")
+            else:
+                metrics.count(self.service.name, "error")
+                await self.connection.error(str(error), "transcription-failed")
             return
         text = decoded.result.text if decoded is not None else ""
         if decoded is not None:

@@ -42,11 +42,11 @@ SAMPLE_RATE = 16000
 class SileroVad:
     """The shared Silero model; :meth:`stream` opens a per-utterance detector."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self) -> None:
         self._session: Any = None
         self._lock = threading.Lock()
         self.backend = ""
-        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._workers = min(4, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None
 
     def load(self) -> None:
@@ -98,7 +98,7 @@ class SileroVad:
         return await loop.run_in_executor(self._executor, stream.process, samples)
 
     def close(self) -> None:
-        """Stop the worker threads (frames already queued still run)."""
+        """Stop the worker threads: frames not yet started are dropped, a running one ends."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

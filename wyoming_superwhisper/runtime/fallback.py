@@ -177,7 +177,7 @@ class _Turn:
 
     def start(self) -> None:
         self.started = True
-        if self.limit is not None and self.queued:
+        if self.limit is not None:  # None once the chain call is over (a task that outlived it)
             self.limit.reschedule(asyncio.get_running_loop().time() + self.timeout_s)
 
 
@@ -405,6 +405,7 @@ class FallbackChain(Generic[E]):
                 _LOGGER.info("%s: %s answer rejected: %s", self.service, name, reason)
                 attempt = Attempt(index, name, Outcome.REJECTED, seconds, reason)
             finally:
+                turn.limit = None
                 _TURN.reset(token)
             if self.memory is not None and not measured:
                 await self.memory.after(self.service, used_before)

@@ -217,24 +217,21 @@ class ServiceServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._tasks) >= self.max_connections:
-            self._closing.add(task)  # a refused connection never takes a slot
-            try:
+        try:
+            if len(self._tasks) >= self.max_connections:  # refused: it never takes a slot
                 self.metrics.count(self.service.name, "busy")
                 connection = Connection(self.service.name, writer, self.metrics)
                 await connection.error(f"server busy: {self.max_connections} connections open", "busy")
+                return
+            self._tasks.add(task)
+            gauge = self.metrics.active_connections.labels(self.service.name)
+            gauge.inc()
+            try:
+                await self._serve(reader, writer)
             finally:
-                await self._close(reader, writer)
-                self._closing.discard(task)
-            return
-        self._tasks.add(task)
-        gauge = self.metrics.active_connections.labels(self.service.name)
-        gauge.inc()
-        try:
-            await self._serve(reader, writer)
+                gauge.dec()
+                self._tasks.discard(task)
         finally:
-            gauge.dec()
-            self._tasks.discard(task)
             self._closing.add(task)
             await self._close(reader, writer)
             self._closing.discard(task)
