@@ -8,7 +8,8 @@
 #   bash scripts/setup.sh --test    # also the test tools
 #
 # Environment: PYTHON (interpreter to use), TORCH_INDEX_URL (a PyTorch wheel index,
-# e.g. PyTorch's CUDA index for a GPU machine; default: whatever pip finds for torch==2.13.0).
+# e.g. PyTorch's CUDA index for a GPU machine; default: whatever pip finds for torch==2.13.0),
+# LLAMA_CMAKE_ARGS (extra llama.cpp flags, e.g. "-DGGML_CUDA=on"; see scripts/build_llama.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,9 +60,13 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   fi
 fi
 
+# llama-cpp-python next, built for every CPU of this architecture (not -march=native),
+# from our own wheel cache keyed by its flags (scripts/build_llama.sh says why).
+bash scripts/build_llama.sh .venv/bin/python
+
 extras=""
 [ "$with_test" = 1 ] && extras="[test]"
-log "installing wyoming-superwhisper$extras (llama-cpp-python compiles once, ~5 min on 2 cores; pip caches the wheel)"
+log "installing wyoming-superwhisper$extras"
 "${pip[@]}" install -e ".$extras"
 
 # --- models ---------------------------------------------------------------------------

@@ -107,6 +107,17 @@ class ServerSettings:
     nothing dropped); 0: no limit. Real-time audio is 50-100 events/s."""
     shutdown_timeout_s: float = 10.0
     """On stop, how long running requests may take to finish, in seconds."""
+    engine_workers: bool = True
+    """Run native engines (llama.cpp, faster-whisper, Piper, Silero) in supervised worker
+    processes, so a crash fails one request over to the next level instead of ending the
+    server; false: in the server's process (a native crash then ends every service)."""
+    worker_cancel_grace_s: float = 5.0
+    """After a request to a worker is cancelled (timeout, client gone), how long the engine
+    may take to stop before the worker is taken for hung and killed, in seconds."""
+    worker_restart_backoff_s: float = 1.0
+    """Wait before restarting a crashed worker, in seconds; doubles per crash in a row."""
+    worker_max_backoff_s: float = 60.0
+    """Longest wait between two restarts of a worker that keeps crashing, in seconds."""
 
 
 @dataclass(frozen=True)

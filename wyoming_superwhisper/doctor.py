@@ -18,6 +18,7 @@ from typing import Any
 from .config import ConfigError, EngineLevel, Settings
 from .runtime.chains import ChainPlan, plan_chain
 from .runtime.gpu import GpuDecision, verify_pinned
+from .runtime.native import native_build_hint
 from .runtime.registry import ModelRegistry
 from .runtime.server import ServiceContext, WyomingService
 
@@ -182,6 +183,19 @@ async def check_services(
             _LOGGER.debug("%s smoke failed", name, exc_info=True)
             report.add(name, "smoke", Status.BROKEN, f"{type(error).__name__}: {error}")
         finally:
+            # A level whose worker died in native code is broken on this machine even when
+            # a later level answered the smoke: say which and by what signal.
+            for chain in service.chains():
+                for snapshot in chain.status():
+                    worker = snapshot["worker"]
+                    if worker and worker["crashes"]:
+                        report.add(
+                            name,
+                            f"level {snapshot['level']} {snapshot['engine']}",
+                            Status.BROKEN,
+                            f"worker crashed ({worker['last_crash']}) {worker['crashes']} time(s): "
+                            f"native code failed on this machine ({native_build_hint(snapshot['engine'])})",
+                        )
             await service.stop()
 
 

@@ -63,6 +63,7 @@ class Recorder:
     fallbacks: list[tuple[int, int, str]] = field(default_factory=list)
     circuits: list[tuple[str, CircuitState]] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
+    crashes: list[tuple[int, str]] = field(default_factory=list)
 
     def on_attempt(self, service: str, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -75,6 +76,9 @@ class Recorder:
 
     def on_load(self, service: str, engine: str, seconds: float) -> None:
         self.loads.append(engine)
+
+    def on_crash(self, service: str, engine: str, level: int, cause: str) -> None:
+        self.crashes.append((level, cause))
 
 
 class Clock:

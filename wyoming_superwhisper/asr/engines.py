@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..audio import TARGET_RATE, to_pcm16
-from ..runtime.fallback import EngineError, engine_turn
+from ..runtime.fallback import EngineError, engine_turn, until_done
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -288,7 +288,9 @@ class WhisperEngine:
             model = self._model
             if model is None:
                 raise EngineError(f"{self.name} is not loaded")
-            return await asyncio.to_thread(self._transcribe, model, request, cancel)
+            # On cancellation the decode stops at its next segment (``cancel``); until
+            # then it still holds the model, so the lock is kept until it has ended.
+            return await until_done(asyncio.to_thread(self._transcribe, model, request, cancel))
 
     _encoder_frames = FULL_WINDOW_FRAMES
 

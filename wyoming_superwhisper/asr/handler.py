@@ -33,7 +33,7 @@ from wyoming.info import Describe
 from wyoming.vad import VoiceStarted, VoiceStopped
 
 from ..audio import TARGET_RATE, AudioConverter, AudioFormatError
-from ..runtime.fallback import AllLevelsFailed
+from ..runtime.fallback import AllLevelsFailed, EngineError
 from ..runtime.limits import ProtocolViolation, finite_number
 from ..runtime.server import Connection, EventHandler
 from .engines import AsrRequest
@@ -159,7 +159,11 @@ class AsrHandler(EventHandler):
         samples = utterance.converter.convert(event.payload or b"")
         if not await self._append_checked(utterance, samples):
             return
-        for probability in await self.service.vad.probabilities(utterance.vad, samples):
+        try:
+            probabilities = await self.service.vad.probabilities(utterance.vad, samples)
+        except EngineError as error:  # the VAD worker is down and did not come back in time
+            raise ProtocolViolation("vad-failed", str(error)) from error
+        for probability in probabilities:
             for vad_event in utterance.tracker.update(probability):
                 await self._on_vad(utterance, vad_event)
             if utterance.answered or utterance.final is not None:

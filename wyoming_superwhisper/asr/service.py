@@ -29,6 +29,7 @@ from ..config import AsrSettings
 from ..runtime.chains import plan_chain
 from ..runtime.fallback import ChainResult, FallbackChain
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
+from ..runtime.worker import supervised, worker_options
 from .engines import (
     AsrEngine,
     AsrRequest,
@@ -64,6 +65,7 @@ def build_engines(context: ServiceContext) -> tuple[list[AsrEngine], list[AsrMod
     """Engines for the planned levels, and the models ``describe`` lists (missing ones too)."""
     settings = context.settings.asr
     plan = plan_chain("asr.chain", settings.chain, context.registry, context.gpu)
+    workers = worker_options(context.settings)
     engines: list[AsrEngine] = []
     models: dict[str, AsrModel] = {}
     for level in plan.levels:
@@ -90,8 +92,11 @@ def build_engines(context: ServiceContext) -> tuple[list[AsrEngine], list[AsrMod
         if not compute_type:
             compute_type = "float16" if level.device.startswith("cuda") else "int8"
         engines.append(
-            WhisperEngine(
+            supervised(
+                workers,
+                WhisperEngine,
                 level.model.entry_path,
+                calls=("transcribe",),
                 model_name=spec.ref,
                 device=level.device,
                 compute_type=compute_type,
@@ -164,7 +169,10 @@ class AsrService(WyomingService):
             memory=context.vram,
         )
         self.quality_gate = QualityGate(self.settings.min_avg_logprob, self.settings.max_compression_ratio)
-        self.vad = SileroVad()
+        self.vad = SileroVad(worker_options(context.settings))
+        if self.vad.worker is not None:
+            metrics = context.metrics
+            self.vad.worker.watch_crashes(lambda cause: metrics.on_crash("asr", "silero-vad", "vad", cause))
         self.hass = (
             HassNames(
                 self.settings.hass_url, self.settings.hass_token, refresh_s=self.settings.hass_refresh_s
@@ -197,7 +205,7 @@ class AsrService(WyomingService):
         return AsrHandler(connection, self)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.vad.load)
+        await self.vad.start()
         if self.hass is not None:
             self.hass.start()
         await super().start()
@@ -206,7 +214,17 @@ class AsrService(WyomingService):
         if self.hass is not None:
             await self.hass.stop()
         await super().stop()
-        self.vad.close()
+        await self.vad.stop()
+
+    def readiness(self) -> tuple[bool, str]:
+        ready, reason = super().readiness()
+        vad = self.vad.worker_status()
+        if ready and vad is not None and vad["state"] != "ready":
+            return False, f"asr: VAD worker {vad['state']} (last crash: {vad['last_crash'] or 'none'})"
+        return ready, reason
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "vad": self.vad.worker_status()}
 
     async def smoke(self) -> str:
         """Transcribe about a second of French speech (espeak-ng) or, without it, a tone."""

@@ -48,6 +48,7 @@ from ..runtime.fallback import (
 )
 from ..runtime.limits import InFlight
 from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingService
+from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
 from .memory_store import open_conversation_store
@@ -109,8 +110,8 @@ class _Stream:
     first_chunk_at: float | None = None
 
 
-def build_engine(planned: PlannedLevel) -> ChatEngine:
-    """A planned chain level → its engine (remote URL or GGUF model)."""
+def build_engine(planned: PlannedLevel, workers: WorkerOptions | None = None) -> ChatEngine:
+    """A planned chain level → its engine (remote URL, or a GGUF model in a supervised worker)."""
     level = planned.level
     if planned.model is None:
         return OpenAIEngine(level.remote, options=level.options)
@@ -120,14 +121,18 @@ def build_engine(planned: PlannedLevel) -> ChatEngine:
             f"{planned.key}.model", "configuration", f"{spec.ref} is a {spec.kind} model, not an LLM"
         )
     options = {**dict(spec.options), **dict(level.options)}
-    return LlamaCppEngine(
+    engine: ChatEngine = supervised(
+        workers,
+        LlamaCppEngine,
         planned.model.entry_path,
+        streams=("stream",),
         device=planned.device,
         ref=spec.ref,
         quality=spec.quality,
         languages=spec.languages,
         options=options,
     )
+    return engine
 
 
 class HandleService(WyomingService):
@@ -150,7 +155,8 @@ class HandleService(WyomingService):
             for skipped in self.plan.skipped:
                 log = _LOGGER.warning if skipped.degraded else _LOGGER.info
                 log("handle: %s skipped: %s", skipped.key, skipped.reason)
-            engines = [build_engine(planned) for planned in self.plan.levels]
+            workers = worker_options(context.settings)
+            engines = [build_engine(planned, workers) for planned in self.plan.levels]
         self.chain: FallbackChain[ChatEngine] = FallbackChain(
             "handle",
             engines,

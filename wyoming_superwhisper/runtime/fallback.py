@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +37,19 @@ class EngineError(Exception):
 
 class QualityRejected(EngineError):
     """The engine answered, but the service's quality gate refused the answer."""
+
+
+class EngineCrashed(EngineError):
+    """The engine's worker process died or hung; ``cause`` says how (``SIGSEGV``, ``hang``...).
+
+    Raised by :class:`~.worker.EngineWorker`; the chain opens the level's circuit at once
+    (a crashed native engine is broken until its restarted worker passes a probe).
+    """
+
+    def __init__(self, engine: str, cause: str) -> None:
+        self.engine = engine
+        self.cause = cause
+        super().__init__(f"{engine}: worker crashed ({cause})")
 
 
 @runtime_checkable
@@ -71,6 +85,7 @@ class Outcome(enum.Enum):
     OUT_OF_MEMORY = "out_of_memory"
     REJECTED = "rejected"  # quality gate
     QUEUED = "queued"  # timed out waiting for the engine's turn: overload, not a fault
+    CRASHED = "crashed"  # the engine's worker process died or hung
 
 
 @dataclass
@@ -110,6 +125,12 @@ class CircuitBreaker:
     def abandon(self) -> None:
         """A probe that was cancelled (client gone) proves nothing: let another probe."""
         self._probing = False
+
+    def trip(self) -> None:
+        """Open now, whatever the count: the engine is known broken (its worker crashed)."""
+        self.consecutive_failures = max(self.consecutive_failures, self.failure_threshold)
+        self._probing = False
+        self.opened_at = self.clock()
 
     def record_failure(self) -> None:
         self.consecutive_failures += 1
@@ -201,6 +222,23 @@ async def engine_turn(lock: AbstractAsyncContextManager[Any]) -> AsyncIterator[N
         yield
 
 
+async def until_done(work: Awaitable[R]) -> R:
+    """Await work running in a thread; if cancelled, still wait for the thread to end.
+
+    A thread cannot be stopped: releasing an engine's lock while it still runs
+    would let a second call start on the same model (and a worker supervisor
+    could not tell a hung engine from one that stopped).
+    """
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled() and future.exception() is not None:
+            _LOGGER.debug("work abandoned by a cancelled request failed: %s", future.exception())
+        raise
+
+
 class MemoryWatch(Protocol):
     """Watches device memory around calls (runtime.hygiene.VramGuard)."""
 
@@ -222,6 +260,8 @@ class ChainObserver(Protocol):
 
     def on_load(self, service: str, engine: str, seconds: float) -> None: ...
 
+    def on_crash(self, service: str, engine: str, level: int | str, cause: str) -> None: ...
+
 
 @dataclass
 class LevelState(Generic[E]):
@@ -236,6 +276,7 @@ class LevelState(Generic[E]):
     failures: int = 0
 
     def snapshot(self, index: int) -> dict[str, Any]:
+        worker_status = getattr(self.engine, "worker_status", None)
         return {
             "level": index,
             "engine": self.engine.name,
@@ -246,6 +287,7 @@ class LevelState(Generic[E]):
             "served": self.served,
             "failures": self.failures,
             "last_error": self.last_error,
+            "worker": worker_status() if callable(worker_status) else None,
         }
 
 
@@ -294,6 +336,10 @@ class FallbackChain(Generic[E]):
         ]
         if memory is not None:
             memory.register(self)
+        for index, engine in enumerate(engines):
+            watch = getattr(engine, "watch_crashes", None)
+            if callable(watch):
+                watch(functools.partial(self._crashed, index))
 
     @property
     def engines(self) -> list[E]:
@@ -383,6 +429,8 @@ class FallbackChain(Generic[E]):
                 outcome = Outcome.OUT_OF_MEMORY if _is_out_of_memory(error) else Outcome.FAILED
                 if isinstance(error, QualityRejected):
                     outcome = Outcome.REJECTED
+                elif isinstance(error, EngineCrashed):
+                    outcome = Outcome.CRASHED
                 _LOGGER.warning(
                     "%s: %s failed: %s",
                     self.service,
@@ -427,19 +475,34 @@ class FallbackChain(Generic[E]):
                 return Attempt(
                     index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, "load timed out"
                 )
-            except Exception as error:  # a broken model file, a missing library, OOM
+            except Exception as error:  # a broken model file, a missing library, OOM, a crash
+                crashed = isinstance(error, EngineCrashed)
                 _LOGGER.warning(
-                    "%s: loading %s failed: %s", self.service, state.engine.name, error, exc_info=True
+                    "%s: loading %s failed: %s", self.service, state.engine.name, error, exc_info=not crashed
                 )
-                return Attempt(
-                    index, state.engine.name, Outcome.LOAD_FAILED, self._clock() - started, _short(error)
-                )
+                outcome = Outcome.CRASHED if crashed else Outcome.LOAD_FAILED
+                return Attempt(index, state.engine.name, outcome, self._clock() - started, _short(error))
             state.loaded = True
             seconds = self._clock() - started
             _LOGGER.info("%s: loaded %s in %.2f s", self.service, state.engine.name, seconds)
             if self.observer is not None:
                 self.observer.on_load(self.service, state.engine.name, seconds)
             return None
+
+    def _crashed(self, index: int, cause: str) -> None:
+        """An engine's worker died (during a request or between two): open its circuit now."""
+        state = self.levels[index]
+        before = state.breaker.state
+        state.breaker.trip()
+        state.last_error = f"crashed: {cause}"
+        if self.observer is not None:
+            self.observer.on_crash(self.service, state.engine.name, index, cause)
+            if before is not CircuitState.OPEN:
+                self.observer.on_circuit(self.service, state.engine.name, CircuitState.OPEN)
+        if before is not CircuitState.OPEN:
+            _LOGGER.warning(
+                "%s: circuit of %s is now open (worker %s)", self.service, state.engine.name, cause
+            )
 
     def _record(self, attempt: Attempt) -> Attempt:
         if self.observer is not None:
@@ -464,7 +527,10 @@ class FallbackChain(Generic[E]):
             state.breaker.abandon()
             state.last_error = f"{attempt.outcome.value}: {attempt.reason}"
             return self._record(attempt)
-        state.breaker.record_failure()
+        if attempt.outcome is Outcome.CRASHED:
+            state.breaker.trip()
+        else:
+            state.breaker.record_failure()
         state.failures += 1
         state.last_error = f"{attempt.outcome.value}: {attempt.reason}"
         after = state.breaker.state

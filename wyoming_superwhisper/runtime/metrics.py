@@ -68,6 +68,13 @@ class Metrics:
             ["service", "engine", "outcome"],
             registry=r,
         )
+        self.engine_crashes = Counter(
+            "superwhisper_engine_crashes_total",
+            "Deaths of an engine's worker process, by chain level and signal (SIGSEGV, SIGABRT, "
+            "SIGKILL...; hang: killed for not stopping; exit:N: exited)",
+            ["service", "level", "signal"],
+            registry=r,
+        )
         self.fallbacks = Counter(
             "superwhisper_fallback_activations_total",
             "Requests that moved down a chain, by from-level, to-level and reason",
@@ -155,6 +162,9 @@ class Metrics:
 
     def on_load(self, service: str, engine: str, seconds: float) -> None:
         self.model_load_seconds.labels(service, engine).set(seconds)
+
+    def on_crash(self, service: str, engine: str, level: int | str, cause: str) -> None:
+        self.engine_crashes.labels(service, str(level), cause).inc()
 
     def expect_requests(self, service: str) -> None:
         """Create every outcome's series at 0 when a service starts serving.

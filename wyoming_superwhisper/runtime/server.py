@@ -157,8 +157,20 @@ class WyomingService(ABC):
         for chain in self.chains():
             usable = [lv for lv in chain.status() if lv["loaded"] and lv["circuit"] != "open"]
             if not chain.healthy() or not usable:
-                return False, f"{chain.service}: no healthy, loaded engine"
+                crashed = [f"{lv['engine']} {lv['last_error']}" for lv in chain.status() if lv["worker"]
+                           and lv["worker"]["crashes"] and lv["circuit"] == "open"]
+                detail = f" ({'; '.join(crashed)})" if crashed else ""
+                return False, f"{chain.service}: no healthy, loaded engine{detail}"
         return True, "ok"
+
+    def crashed_levels(self) -> list[str]:
+        """``engine: crashed: SIGSEGV`` for every level whose worker has crashed."""
+        return [
+            f"{level['engine']}: {level['last_error'] or 'crashed: ' + level['worker']['last_crash']}"
+            for chain in self.chains()
+            for level in chain.status()
+            if level["worker"] and level["worker"]["crashes"]
+        ]
 
     def status(self) -> dict[str, Any]:
         ready, reason = self.readiness()
@@ -372,8 +384,19 @@ class Runtime:
                 try:
                     result = await service.smoke()
                 except Exception as error:  # any failure here means the service cannot answer
-                    raise StartupError(f"{service.name}: smoke request failed: {error}") from error
-                _LOGGER.info("%s: smoke request answered: %s", service.name, result)
+                    crashed = service.crashed_levels()
+                    if not crashed:
+                        raise StartupError(f"{service.name}: smoke request failed: {error}") from error
+                    # A native crash is this service's fault alone: the others serve, its
+                    # workers restart with backoff and its circuits probe them again.
+                    _LOGGER.error(
+                        "%s: smoke request failed, its engines crashed (%s): serving the other "
+                        "services while its workers restart",
+                        service.name,
+                        "; ".join(crashed),
+                    )
+                else:
+                    _LOGGER.info("%s: smoke request answered: %s", service.name, result)
             self.context.metrics.ready.labels(service.name).set(1 if service.readiness()[0] else 0)
         for server in self.servers:
             await server.start()

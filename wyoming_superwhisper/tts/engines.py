@@ -24,19 +24,18 @@ import logging
 import math
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
-from ..runtime.fallback import EngineError, engine_turn
+from ..runtime.fallback import EngineError, engine_turn, until_done
 
 _LOGGER = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SAMPLE_WIDTH = 2
 """Every engine answers 16-bit signed little-endian PCM."""
 CHANNELS = 1
@@ -223,6 +222,8 @@ class PiperEngine(TtsEngine):
     """Default speaking speed of this voice; multiplied by the request's."""
     warm_text: str = "Bonjour."
     native_rate: int = 0
+    speaker_names: tuple[str, ...] = field(default=(), init=False)
+    """Speakers of a multi-speaker voice, known once loaded."""
     _voice: Any = field(default=None, init=False, repr=False)
     _lock: PriorityLock = field(default_factory=PriorityLock, init=False, repr=False)
 
@@ -237,7 +238,7 @@ class PiperEngine(TtsEngine):
             return
         async with self._lock.hold((-1.0, 0.0)):
             if self._voice is None:
-                self._voice = await _until_done(asyncio.to_thread(self._load_and_warm))
+                self._voice = await until_done(asyncio.to_thread(self._load_and_warm))
 
     def _load_and_warm(self) -> Any:
         from piper import PiperVoice
@@ -253,6 +254,8 @@ class PiperEngine(TtsEngine):
         except Exception as error:  # onnxruntime raises its own types for a corrupt file
             raise EngineError(f"cannot load Piper voice {self.model_path.name}: {error}") from error
         self.native_rate = int(voice.config.sample_rate)
+        mapping: dict[str, int] = dict(voice.config.speaker_id_map)
+        self.speaker_names = tuple(sorted(mapping, key=lambda speaker: mapping[speaker]))
         for _ in voice.synthesize(self.warm_text):  # the first ONNX run is slow: pay it now
             pass
         return voice
@@ -262,10 +265,7 @@ class PiperEngine(TtsEngine):
             self._voice = None
 
     def speakers(self) -> tuple[str, ...]:
-        voice = self._voice
-        if voice is None:
-            return ()
-        return tuple(sorted(voice.config.speaker_id_map, key=voice.config.speaker_id_map.get))
+        return self.speaker_names
 
     def _speaker_id(self, speaker: str | None) -> int | None:
         voice = self._voice
@@ -288,7 +288,7 @@ class PiperEngine(TtsEngine):
             voice = self._voice
             if voice is None:
                 raise EngineError(f"{self.name} was closed")
-            pcm = await _until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
+            pcm = await until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
         return Audio(pcm, self.native_rate, self.name)
 
     @staticmethod
@@ -300,22 +300,6 @@ class PiperEngine(TtsEngine):
             return b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text, config))
         except Exception as error:  # onnxruntime errors on a broken graph surface here
             raise EngineError(f"Piper synthesis failed: {error}") from error
-
-
-async def _until_done(work: Awaitable[T]) -> T:
-    """Await work running in a thread; if cancelled, still wait for the thread to end.
-
-    A thread cannot be stopped: releasing the voice's lock while it still runs would
-    let a second synthesis start on the same voice.
-    """
-    future = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        if not future.cancelled() and future.exception() is not None:
-            _LOGGER.debug("work abandoned by a cancelled request failed: %s", future.exception())
-        raise
 
 
 # --- espeak-ng --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..runtime.fallback import ChainResult, FallbackChain
 from ..runtime.limits import InFlight
 from ..runtime.registry import SystemSource, UnknownModel
 from ..runtime.server import Connection, EventHandler, ServiceContext, ServiceState, WyomingService
+from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .engines import (
     Audio,
     EspeakEngine,
@@ -81,8 +82,11 @@ class _Voice:
     engine: TtsEngine | None
 
 
-def build_engine(planned: PlannedLevel, settings: TtsSettings) -> TtsEngine:
-    """The engine for one planned chain level (a Piper voice, espeak-ng, or a remote server)."""
+def build_engine(
+    planned: PlannedLevel, settings: TtsSettings, workers: WorkerOptions | None = None
+) -> TtsEngine:
+    """The engine for one planned chain level (a Piper voice in a supervised worker,
+    espeak-ng, or a remote server)."""
     level = planned.level
     options: dict[str, Any] = {}
     if planned.model is not None:
@@ -98,7 +102,10 @@ def build_engine(planned: PlannedLevel, settings: TtsSettings) -> TtsEngine:
     spec = model.spec
     if spec.kind == "piper":
         speaker = options.get("speaker")
-        return PiperEngine(
+        piper: TtsEngine = supervised(
+            workers,
+            PiperEngine,
+            calls=("synthesize",),
             model_path=model.entry_path,
             name=spec.ref,
             quality=spec.quality,
@@ -107,6 +114,7 @@ def build_engine(planned: PlannedLevel, settings: TtsSettings) -> TtsEngine:
             length_scale=float(options.get("length_scale", 1.0)),
             warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
         )
+        return piper
     if spec.kind == "espeak":
         system_voice = next(
             (s.voice for s in spec.sources if isinstance(s, SystemSource) and s.voice), ""
@@ -154,6 +162,7 @@ class TtsService(WyomingService):
         self.routes: dict[str, FallbackChain[TtsEngine]] = {}
         self.voices: dict[str, _Voice] = {}
         shared: dict[tuple[str, str, str], TtsEngine] = {}
+        workers = worker_options(context.settings)
         for raw_language, levels in self.settings.voices.items():
             language = language_key(raw_language)
             plan = plan_chain(f"tts.voices.{raw_language}", levels, context.registry, context.gpu)
@@ -179,7 +188,7 @@ class TtsService(WyomingService):
                     )
                     continue
                 key = (voice_name(level), planned.device, repr(sorted(level.options.items())))
-                engine = shared.get(key) or build_engine(planned, self.settings)
+                engine = shared.get(key) or build_engine(planned, self.settings, workers)
                 shared[key] = engine
                 self._add_voice(level, language, len(engines), engine, installed=True)
                 engines.append(engine)
