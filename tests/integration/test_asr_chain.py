@@ -11,6 +11,7 @@ from wyoming_superwhisper.runtime.gpu import GpuDecision, GpuDevice, choose_gpu
 from wyoming_superwhisper.runtime.metrics import Metrics
 from wyoming_superwhisper.runtime.registry import ModelRegistry
 from wyoming_superwhisper.runtime.server import ServiceContext
+from wyoming_superwhisper.runtime.worker import EngineWorker
 
 CHAIN = [
     {"model": "whisper-large-v3-turbo", "device": "cuda"},
@@ -34,7 +35,8 @@ def test_cpu_machine_keeps_the_cpu_and_remote_levels() -> None:
     engines, models = build_engines(context())
     assert [e.name for e in engines] == ["faster-whisper:whisper-base@cpu", "wyoming:127.0.0.1:10399"]
     whisper, remote = engines
-    assert isinstance(whisper, WhisperEngine) and whisper.compute_type == "int8"
+    assert isinstance(whisper, EngineWorker)  # native: in a supervised worker process
+    assert isinstance(whisper.engine, WhisperEngine) and whisper.compute_type == "int8"
     assert isinstance(remote, RemoteWyomingEngine) and remote.device == "remote"
     assert [m.name for m in models] == ["whisper-base", "tcp://127.0.0.1:10399"]
 
@@ -45,9 +47,11 @@ def test_gpu_levels_take_float16_on_cuda_0() -> None:
     engines, models = build_engines(context(GpuDecision("cuda:0", gpu, "test")))
     by_name = {e.name: e for e in engines}
     cuda = by_name["faster-whisper:whisper-base@cuda:0"]
-    assert isinstance(cuda, WhisperEngine) and cuda.compute_type == "float16"
+    assert isinstance(cuda, EngineWorker) and isinstance(cuda.engine, WhisperEngine)
+    assert cuda.compute_type == "float16"
     cpu = by_name["faster-whisper:whisper-base@cpu"]
-    assert isinstance(cpu, WhisperEngine) and cpu.compute_type == "int8"
+    assert isinstance(cpu, EngineWorker) and isinstance(cpu.engine, WhisperEngine)
+    assert cpu.compute_type == "int8"
     # large-v3-turbo is not installed here: listed, but not installed (Home Assistant hides it).
     assert [(m.name, m.installed) for m in models] == [
         ("whisper-base", True),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -164,7 +166,7 @@ async def whisper() -> AsyncIterator[WhisperEngine]:
 async def running(
     engines: Sequence[AsrEngine], **settings: Any
 ) -> AsyncIterator[tuple[AsrService, ServiceServer]]:
-    overrides = {f"asr.{key}": value for key, value in settings.items()}
+    overrides = {key if "." in key else f"asr.{key}": value for key, value in settings.items()}
     service = AsrService(make_context(make_settings(**overrides)), engines=engines)
     server = ServiceServer(service)
     await service.start()
@@ -516,12 +518,32 @@ async def test_vad_runs_off_the_event_loop(
     gated = GatedEngine()
     gated.gate.set()
     audio = pcm_bytes(padded(speech("Ouvre la porte.")))
-    async with running([gated], speculative_pause_s=0.0) as (_, server):
+    in_process = {"server.engine_workers": False}
+    async with running([gated], speculative_pause_s=0.0, **in_process) as (service, server):
+        assert service.vad.worker is None
         exchange = await transcribe(server.port or 0, audio)  # 20 ms chunks: frames span chunks
     assert exchange.text == "ouvert"
     assert "voice-started" in exchange.types  # the VAD saw the speech
     assert len(threads) == len(audio) // 2 // 512
     assert threading.get_ident() not in threads
+
+
+async def test_vad_runs_in_its_worker_process_by_default(speech: Callable[..., np.ndarray]) -> None:
+    """The default: Silero in a supervised worker; the stream's state stays here."""
+    gated = GatedEngine()
+    gated.gate.set()
+    audio = pcm_bytes(padded(speech("Ouvre la porte.")))
+    async with running([gated], speculative_pause_s=0.0) as (service, server):
+        assert service.vad.worker is not None
+        status = service.vad.worker_status()
+        assert status is not None and status["state"] == "ready" and status["pid"] != os.getpid()
+        exchange = await transcribe(server.port or 0, audio)
+        assert "voice-started" in exchange.types and exchange.text == "ouvert"
+        # A crashed VAD worker restarts and the next stream is served as before.
+        os.kill(status["pid"], signal.SIGKILL)
+        again = await transcribe(server.port or 0, audio)
+        assert "voice-started" in again.types and again.text == "ouvert"
+        assert service.context.metrics.engine_crashes.labels("asr", "vad", "SIGKILL")._value.get() == 1
 
 
 async def test_disconnect_mid_stream_frees_everything(

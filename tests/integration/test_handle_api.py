@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from wyoming_superwhisper.handle.engines import LlamaCppEngine
 from wyoming_superwhisper.handle.service import HandleService
+from wyoming_superwhisper.runtime.worker import EngineWorker
 
 from ..conftest import LOOPBACK, make_context, make_settings, serving
 
@@ -207,7 +208,7 @@ async def test_chat_completion_is_openai_shaped(api: Api, client: aiohttp.Client
 
 async def test_max_tokens_reaches_the_model(api: Api, client: aiohttp.ClientSession) -> None:
     engine = api.service.chain.engines[0]
-    assert isinstance(engine, LlamaCppEngine)
+    assert isinstance(engine, EngineWorker) and isinstance(engine.engine, LlamaCppEngine)
     status, body = await chat(
         client,
         api,
@@ -455,7 +456,7 @@ async def test_api_max_tokens_caps_the_client_request_and_stop_closes_the_api() 
     )
     service = HandleService(make_context(settings))
     engine = service.chain.engines[0]
-    assert isinstance(engine, LlamaCppEngine)
+    assert isinstance(engine, EngineWorker) and isinstance(engine.engine, LlamaCppEngine)
     url = f"http://{LOOPBACK}:{port}/v1"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
         async with serving(service):

@@ -27,6 +27,7 @@ from wyoming.event import Event
 from wyoming_superwhisper.handle.engines import LlamaCppEngine
 from wyoming_superwhisper.handle.service import HandleService
 from wyoming_superwhisper.runtime.server import ServiceServer
+from wyoming_superwhisper.runtime.worker import EngineWorker
 
 from ..conftest import LOOPBACK, make_context, make_settings, serving
 
@@ -172,7 +173,7 @@ async def test_disconnect_mid_stream_stops_generation_and_frees_the_model() -> N
     )
     service = HandleService(make_context(settings))
     engine = service.chain.engines[0]
-    assert isinstance(engine, LlamaCppEngine)
+    assert isinstance(engine, EngineWorker) and isinstance(engine.engine, LlamaCppEngine)
     async with serving(service) as server:
         assert server.port is not None
         async with AsyncTcpClient(LOOPBACK, server.port) as client:

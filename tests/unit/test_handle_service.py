@@ -109,7 +109,10 @@ def test_chain_follows_the_pinned_gpus_memory(
     context = ServiceContext(settings, production_registry(tmp_path), decision, Metrics(CollectorRegistry()))
     service = HandleService(context)
     assert [engine.name for engine in service.chain.engines] == expected
-    for engine in service.chain.engines:
+    llamas = [getattr(e, "engine", e) for e in service.chain.engines]
+    llamas = [e for e in llamas if isinstance(e, LlamaCppEngine)]
+    assert len(llamas) == sum(name.startswith("llama-cpp:") for name in expected)
+    for engine in llamas:
         if isinstance(engine, LlamaCppEngine):
             layers = engine.llama_kwargs()["n_gpu_layers"]
             assert layers == (-1 if engine.device == "cuda:0" else 0)

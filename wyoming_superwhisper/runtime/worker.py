@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import enum
 import faulthandler
 import functools
@@ -51,6 +53,8 @@ from .fallback import EngineCrashed, EngineError
 _LOGGER = logging.getLogger(__name__)
 
 _SIMPLE = (str, int, float, bool, type(None), Path)
+_STATE_AT = {"result": 3, "error": 3, "end": 2, "cancelled": 2}
+"""Where each final answer of the child carries the engine's changed state."""
 
 
 class CancelToken:
@@ -459,6 +463,8 @@ class EngineWorker:
                 remaining = deadline - asyncio.get_running_loop().time()
                 message = await asyncio.wait_for(call.answers.get(), max(remaining, 0.0))
                 if message[0] != "item":
+                    if message[0] in _STATE_AT:
+                        self._mirror(message[_STATE_AT[message[0]]])
                     return
         except TimeoutError:
             if call.process is self._process and self._state is WorkerState.READY:
@@ -499,17 +505,27 @@ def child_main(conn: Connection, factory: Callable[[], Any], log_level: str) -> 
     asyncio.run(_Child(conn, factory).serve())
 
 
+def _simple(value: Any) -> bool:
+    return isinstance(value, _SIMPLE) or (
+        isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)
+    )
+
+
 def public_state(engine: Any) -> dict[str, Any]:
-    """The engine's public scalar attributes (what the proxy mirrors)."""
+    """The engine's public scalar attributes and flat dataclasses (e.g. generation stats), copied."""
     values = getattr(engine, "__dict__", {})
     state: dict[str, Any] = {}
     for key, value in values.items():
         if key.startswith("_"):
             continue
-        if isinstance(value, _SIMPLE) or (
-            isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)
-        ):
+        if _simple(value):
             state[key] = value
+        elif (
+            dataclasses.is_dataclass(value)
+            and not isinstance(value, type)
+            and all(_simple(getattr(value, f.name)) for f in dataclasses.fields(value))
+        ):
+            state[key] = copy.copy(value)  # a copy: the engine mutates its own in place
     return state
 
 
@@ -604,7 +620,7 @@ class _Child:
         except asyncio.CancelledError:
             for event in events:
                 event.set()
-            self.send(("cancelled", call_id))
+            self.send(("cancelled", call_id, self.state_delta()))
         except Exception as error:
             self.send(("error", call_id, _portable(error), self.state_delta()))
         else:
@@ -624,7 +640,7 @@ class _Child:
         except asyncio.CancelledError:
             for event in events:
                 event.set()
-            self.send(("cancelled", call_id))
+            self.send(("cancelled", call_id, self.state_delta()))
         except Exception as error:
             self.send(("error", call_id, _portable(error), self.state_delta()))
         else:
