@@ -74,7 +74,7 @@ async def server_runs(holdback: int, runs: int, max_tokens: int) -> list[dict[st
     )
     service = HandleService(make_context(settings))
     engine = service.chain.engines[0]
-    assert isinstance(engine, LlamaCppEngine)
+    assert isinstance(getattr(engine, "engine", engine), LlamaCppEngine)  # in its worker by default
     results = []
     async with serving(service) as server:
         assert server.port is not None

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .config import ConfigError, EngineLevel, Settings
 from .runtime.chains import ChainPlan, plan_chain
 from .runtime.gpu import GpuDecision, verify_pinned
@@ -151,6 +153,10 @@ def check_chains(
     return plans
 
 
+READ_BACK_MAX_WER = 0.5
+"""The TTS smoke's audio, read back by the ASR: above this WER the voice is not understood."""
+
+
 async def check_services(
     report: Report,
     context: ServiceContext,
@@ -158,45 +164,81 @@ async def check_services(
     *,
     load_all_levels: bool,
 ) -> None:
-    """Start each service for real, optionally load every level, and run its smoke request."""
-    for name, factory in factories.items():
-        started = time.perf_counter()
-        try:
-            service = factory(context)
-        except ConfigError as error:
-            report.add(name, "build", Status.BROKEN, str(error))
-            continue
-        try:
-            await service.start()
-            if load_all_levels:
-                for chain in service.chains():
-                    for index, level in enumerate(chain.levels):
-                        ok = level.loaded or await chain.load(index)
-                        status = (
-                            Status.OK if ok else (Status.DEGRADED if len(chain.levels) > 1 else Status.BROKEN)
-                        )
-                        detail = "loads" if ok else f"does not load: {level.last_error}"
-                        report.add(name, f"load {level.engine.name}", status, detail)
-            result = await service.smoke()
-            report.add(name, "smoke", Status.OK, f"{result} ({time.perf_counter() - started:.1f} s)")
-        except Exception as error:  # the doctor reports every failure instead of stopping
-            _LOGGER.debug("%s smoke failed", name, exc_info=True)
-            report.add(name, "smoke", Status.BROKEN, f"{type(error).__name__}: {error}")
-        finally:
-            # A level whose worker died in native code is broken on this machine even when
-            # a later level answered the smoke: say which and by what signal.
-            for chain in service.chains():
-                for snapshot in chain.status():
-                    worker = snapshot["worker"]
-                    if worker and worker["crashes"]:
-                        report.add(
-                            name,
-                            f"level {snapshot['level']} {snapshot['engine']}",
-                            Status.BROKEN,
-                            f"worker crashed ({worker['last_crash']}) {worker['crashes']} time(s): "
-                            f"native code failed on this machine ({native_build_hint(snapshot['engine'])})",
-                        )
+    """Start each service for real, optionally load every level, and run its smoke request;
+    then have the ASR read back what the TTS said."""
+    started_services: dict[str, WyomingService] = {}
+    try:
+        for name, factory in factories.items():
+            started = time.perf_counter()
+            try:
+                service = factory(context)
+            except ConfigError as error:
+                report.add(name, "build", Status.BROKEN, str(error))
+                continue
+            started_services[name] = service
+            try:
+                await service.start()
+                if load_all_levels:
+                    await _load_levels(report, name, service)
+                result = await service.smoke()
+                report.add(name, "smoke", Status.OK, f"{result} ({time.perf_counter() - started:.1f} s)")
+            except Exception as error:  # the doctor reports every failure instead of stopping
+                _LOGGER.debug("%s smoke failed", name, exc_info=True)
+                report.add(name, "smoke", Status.BROKEN, f"{type(error).__name__}: {error}")
+            _report_crashes(report, name, service)
+        await _read_back(report, started_services)
+    finally:
+        for service in started_services.values():
             await service.stop()
+
+
+async def _load_levels(report: Report, name: str, service: WyomingService) -> None:
+    for chain in service.chains():
+        for index, level in enumerate(chain.levels):
+            ok = level.loaded or await chain.load(index)
+            status = Status.OK if ok else (Status.DEGRADED if len(chain.levels) > 1 else Status.BROKEN)
+            detail = "loads" if ok else f"does not load: {level.last_error}"
+            report.add(name, f"load {level.engine.name}", status, detail)
+
+
+def _report_crashes(report: Report, name: str, service: WyomingService) -> None:
+    """A level whose worker died in native code is broken on this machine even when a later
+    level answered the smoke: say which, and by what signal."""
+    for chain in service.chains():
+        for snapshot in chain.status():
+            worker = snapshot["worker"]
+            if worker and worker["crashes"]:
+                report.add(
+                    name,
+                    f"level {snapshot['level']} {snapshot['engine']}",
+                    Status.BROKEN,
+                    f"worker crashed ({worker['last_crash']}) {worker['crashes']} time(s): "
+                    f"native code failed on this machine ({native_build_hint(snapshot['engine'])})",
+                )
+
+
+async def _read_back(report: Report, services: dict[str, WyomingService]) -> None:
+    """Is the TTS understood? The ASR transcribes the TTS smoke's audio, judged by its WER."""
+    asr, tts = services.get("asr"), services.get("tts")
+    said = getattr(tts, "smoke_audio", None)
+    if asr is None or said is None or not hasattr(asr, "read_back"):
+        return
+    audio, text, language = said
+    try:
+        samples = np.frombuffer(audio.resampled(16000).pcm, dtype="<i2").astype(np.float32) / 32768.0
+        heard, wer, engine = await asr.read_back(samples, text, language)
+    except Exception as error:  # the ASR failed: its own smoke line says why
+        report.add("tts", "read back", Status.DEGRADED, f"the ASR could not read it back: {error}")
+        return
+    status = Status.OK if wer <= READ_BACK_MAX_WER else Status.DEGRADED
+    verdict = "understood" if status is Status.OK else "hard to understand"
+    report.add(
+        "tts",
+        "read back",
+        status,
+        f"{audio.engine} said {text!r}, {engine} heard {heard!r}: WER {wer:.2f} "
+        f"({'≤' if status is Status.OK else '>'} {READ_BACK_MAX_WER:g}, {verdict})",
+    )
 
 
 async def run_doctor(

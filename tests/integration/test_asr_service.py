@@ -578,10 +578,20 @@ async def test_remote_wyoming_level_answers_when_the_local_one_is_broken(
     assert status[0]["failures"] >= 1 and status[1]["served"] >= 1
 
 
-async def test_smoke_returns_text(shared: Callable[[], list[AsrEngine]]) -> None:
+async def test_smoke_judges_the_words_it_heard(shared: Callable[[], list[AsrEngine]]) -> None:
     async with running(shared()) as (service, _):
         text = await service.smoke()
-    assert text.strip()
+    assert "heard" in text and "WER" in text
+    assert float(text.split("WER ")[1].split(" ")[0]) <= 0.5
+
+
+async def test_smoke_fails_on_a_transcript_that_is_wrong() -> None:
+    """An engine that answers with the wrong words fails the smoke (it used to say ok)."""
+    wrong = GatedEngine()  # always hears "ouvert"
+    wrong.gate.set()
+    async with running([wrong]) as (service, _):
+        with pytest.raises(EngineError, match=r"WER 1\.00 > 0\.5"):
+            await service.smoke()
 
 
 class GarbageEngine:

@@ -318,11 +318,16 @@ async def test_client_hanging_up_mid_synthesis_leaves_the_server_serving(
     assert service.readiness() == (True, "ok")
 
 
-async def test_smoke_speaks_one_french_word(running: tuple[TtsService, ServiceServer]) -> None:
+async def test_smoke_speaks_a_french_sentence_kept_for_the_read_back(
+    running: tuple[TtsService, ServiceServer],
+) -> None:
     service, _ = running
     report = await service.smoke()
     assert report.startswith("espeak-fr: ") and report.endswith(" s of audio")
-    assert float(report.split(": ")[1].split(" ")[0]) > 0.2
+    assert float(report.split(": ")[1].split(" ")[0]) > 1.0
+    assert service.smoke_audio is not None
+    audio, text, language = service.smoke_audio
+    assert (text, language) == ("Il est dix heures et demie.", "fr") and audio.seconds > 1.0
 
 
 async def test_remote_wyoming_voice_answers_through_another_server(

@@ -12,6 +12,7 @@ from wyoming_superwhisper.asr.engines import (
     hotwords,
     is_hallucination,
     looks_looped,
+    word_error_rate,
 )
 from wyoming_superwhisper.asr.handler import _audio_format, _parse_transcribe
 from wyoming_superwhisper.asr.hass import names_from_states
@@ -235,3 +236,20 @@ def test_bad_audio_formats_are_protocol_violations(data: dict[str, object]) -> N
 def test_audio_format_defaults() -> None:
     assert _audio_format({}) == (16000, 2, 1)
     assert _audio_format({"rate": 8000, "width": 3, "channels": 2}) == (8000, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "expected"),
+    [
+        ("Turn on the kitchen lights please.", "Turn on the kitchen lights, please!", 0.0),
+        ("Turn on the kitchen lights please.", "Turn on the kitchen light please.", 1 / 6),
+        ("Bonjour, quelle heure est-il ?", "Bonjour, Calum et Thil.", 4 / 5),
+        ("Il est dix heures.", "Il est dix heures et quart.", 2 / 4),
+        ("Ouvre la porte.", "", 1.0),
+        ("", "", 0.0),
+        ("", "bonjour", 1.0),
+        ("L’heure", "l'heure", 0.0),
+    ],
+)
+def test_word_error_rate(reference: str, hypothesis: str, expected: float) -> None:
+    assert word_error_rate(reference, hypothesis) == pytest.approx(expected)

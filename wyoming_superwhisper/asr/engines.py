@@ -113,6 +113,24 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word edits (substitutions, insertions, deletions) per reference word, punctuation aside.
+
+    What the smokes judge a transcript by; 0 is perfect, above 1 is possible.
+    """
+    ref = re.sub(r"[^\w' ]", " ", normalize(reference).replace("-", " ")).split()
+    hyp = re.sub(r"[^\w' ]", " ", normalize(hypothesis).replace("-", " ")).split()
+    if not ref:
+        return float(bool(hyp))
+    previous = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        current = [i]
+        for j, other in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
+        previous = current
+    return previous[-1] / len(ref)
+
+
 def is_hallucination(text: str, no_speech_prob: float = 0.0, avg_logprob: float = 0.0) -> bool:
     """True for a segment that is noise dressed up as text."""
     clean = normalize(text)

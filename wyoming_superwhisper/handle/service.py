@@ -210,15 +210,19 @@ class HandleService(WyomingService):
 
     async def smoke(self) -> str:
         """A few real tokens from the first level that answers, no gate."""
-        request = ChatRequest(build_messages(self._system("fr"), [], "Dis bonjour."), max_tokens=4)
+        language = self.settings.language
+        request = ChatRequest(build_messages(self._system(language), [], "Dis bonjour."), max_tokens=16)
 
         async def call(engine: ChatEngine) -> str:
             text = ""
             async with contextlib.aclosing(engine.stream(request)) as stream:
                 async for delta in stream:
                     text += delta.text
-            if not text.strip():
-                raise QualityRejected("empty answer")
+            if not starts_with_a_word(text.strip()):
+                raise QualityRejected(f"no text in the answer ({text.strip()[:40]!r})")
+            reason = wrong_language(text, language)  # None when too short to tell
+            if reason:
+                raise QualityRejected(reason)
             return text.strip()
 
         result = await self.chain.run(call, timeout_s=self.settings.timeout_s)

@@ -43,6 +43,9 @@ from .sentences import normalize
 
 _LOGGER = logging.getLogger(__name__)
 
+SMOKE_SENTENCES = {"fr": "Il est dix heures et demie.", "en": "It is half past ten."}
+"""What the smoke says, and what the doctor's ASR read-back expects to hear."""
+
 DEFAULT_RATE = 22050
 """Rate announced for an answer with no audio at all (empty text) when nothing else is known."""
 
@@ -147,6 +150,8 @@ class TtsService(WyomingService):
 
     def __init__(self, context: ServiceContext) -> None:
         super().__init__(context)
+        self.smoke_audio: tuple[Audio, str, str] | None = None
+        """(audio, text, language) of the last smoke, for the doctor's read-back by the ASR."""
         self.settings = context.settings.tts
         self.default_language = language_key(self.settings.language)
         if self.default_language not in {language_key(k) for k in self.settings.voices}:
@@ -259,12 +264,14 @@ class TtsService(WyomingService):
         self.state = ServiceState.READY
 
     async def smoke(self) -> str:
-        """One French word through the default language's chain."""
+        """One sentence through the default language's chain; kept for the doctor's read-back."""
         route = self.route(None, None)
         options = SynthesisOptions(length_scale=self.settings.length_scale)
-        result = await self.speak(route, "Bonjour.", options)
-        if result is None:  # pragma: no cover - "Bonjour." is never empty
+        text = SMOKE_SENTENCES.get(route.language, SMOKE_SENTENCES["en"])
+        result = await self.speak(route, text, options)
+        if result is None:  # pragma: no cover - the sentence is never empty
             raise RuntimeError("nothing to say")
+        self.smoke_audio = (result.value, text, route.language)
         return f"{result.engine}: {result.value.seconds:.2f} s of audio"
 
     # -- what the handler asks -------------------------------------------------------
