@@ -186,7 +186,8 @@ async def test_disconnect_mid_stream_stops_generation_and_frees_the_model() -> N
                 if event.type == "handled-chunk":
                     break
         for _ in range(600):  # bounded wait for the server to notice, not a speed check
-            if not engine.busy and not engine.stats.running:
+            # The stats come back from the worker with its answer to the cancel.
+            if not engine.busy and not engine.stats.running and engine.stats.cancelled:
                 break
             await asyncio.sleep(0.05)
         assert not engine.busy

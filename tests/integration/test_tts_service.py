@@ -50,6 +50,10 @@ FRENCH = [
 # room for CPU kernel differences and still fails if the text is read by an English
 # voice (WER ≈ 1), cut short, or mangled.
 FRENCH_MAX_WER = 0.5
+KOKORO_MAX_WER = 0.2
+"""Kokoro ff_siwis read back by whisper base: measured 0.079 on the 32 answers of
+bench/intelligibility_bench.py (espeak-ng 0.744); 0.2 leaves a word or two for CPU
+kernel differences, and is below espeak-ng's 0.32 on these six."""
 ENGLISH = [
     "Hello, the weather is nice today.",
     "Turn on the kitchen light, please.",
@@ -187,21 +191,23 @@ async def test_describe_lists_every_configured_voice(running: tuple[TtsService, 
     assert voices["piper-joe"]["attribution"]["name"]
 
 
-async def test_french_without_a_language_is_read_by_espeak_and_understood(
+async def test_french_without_a_language_is_read_by_kokoro_and_understood(
     running: tuple[TtsService, ServiceServer], whisper: dict[str, Any]
 ) -> None:
+    """The embedded French voice is Kokoro, and whisper base understands it (espeak-ng: 0.32)."""
     service, server = running
     assert server.port is not None
     before = served(service)
     texts = []
     for sentence in FRENCH:
         rate, pcm = pcm_of(await synthesize(server.port, sentence))  # Home Assistant: no language
+        assert rate == 24000
         assert_plausible_duration(pcm, rate, sentence)
         texts.append(transcribe(whisper, pcm, rate, "fr"))
     after = served(service)
-    assert after["espeak-fr"] - before["espeak-fr"] == len(FRENCH)
-    assert after["piper-joe"] == before["piper-joe"]
-    assert wer(FRENCH, texts, "fr") <= FRENCH_MAX_WER, texts
+    assert after["kokoro-ff_siwis"] - before["kokoro-ff_siwis"] == len(FRENCH)
+    assert after["espeak-fr"] == before["espeak-fr"] and after["piper-joe"] == before["piper-joe"]
+    assert wer(FRENCH, texts, "fr") <= KOKORO_MAX_WER, texts
 
 
 async def test_english_is_read_by_joe_and_understood(
@@ -323,7 +329,7 @@ async def test_smoke_speaks_a_french_sentence_kept_for_the_read_back(
 ) -> None:
     service, _ = running
     report = await service.smoke()
-    assert report.startswith("espeak-fr: ") and report.endswith(" s of audio")
+    assert report.startswith("kokoro-ff_siwis: ") and report.endswith(" s of audio")
     assert float(report.split(": ")[1].split(" ")[0]) > 1.0
     assert service.smoke_audio is not None
     audio, text, language = service.smoke_audio
