@@ -161,9 +161,7 @@ async def synthesize(port: int, text: str, voice: SynthesizeVoice | None = None)
 
 def served(service: TtsService) -> dict[str, int]:
     return {
-        level["engine"]: level["served"]
-        for levels in service.status()["chains"].values()
-        for level in levels
+        level["engine"]: level["served"] for levels in service.status()["chains"].values() for level in levels
     }
 
 
@@ -278,9 +276,10 @@ async def test_describe_answers_while_a_long_text_is_synthesized(
 ) -> None:
     _, server = running
     assert server.port is not None
-    async with AsyncTcpClient("127.0.0.1", server.port) as busy, AsyncTcpClient(
-        "127.0.0.1", server.port
-    ) as other:
+    async with (
+        AsyncTcpClient("127.0.0.1", server.port) as busy,
+        AsyncTcpClient("127.0.0.1", server.port) as other,
+    ):
         await busy.write_event(Synthesize(text=LONG_ENGLISH, voice=SynthesizeVoice(language="en")).event())
         first = await busy.read_event()
         assert first is not None and first.type == "audio-start"
@@ -408,3 +407,36 @@ async def test_french_is_never_read_by_an_english_voice() -> None:
     assert french[-1].type == "error" and french[-1].data["code"] == "synthesis-failed"
     assert not any(e.type == "audio-chunk" for e in french)
     pcm_of(english)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!! ... ??? --- ***",  # no letters at all
+        "Bonjour. " * 1200,  # ~10,000 characters, over tts.max_chars
+        "La lumière du salon est allumée, 照明 включена, الضوء مضاء.",  # mixed scripts
+        '<speak><prosody rate="slow">Il est <say-as interpret-as="time">10:30</say-as>.</prosody></speak>',
+        "\u200b\u200b\ufeff",  # only invisible characters
+    ],
+    ids=["no-letters", "10000-chars", "mixed-scripts", "ssml-tags", "invisible"],
+)
+async def test_odd_french_text_gets_speech_or_a_clear_error_never_a_hang(
+    running: tuple[TtsService, ServiceServer], text: str
+) -> None:
+    """Kokoro's phonemizer meets what an LLM or a user may send: a best effort or an error event."""
+    _, server = running
+    assert server.port is not None
+    events = await asyncio.wait_for(synthesize(server.port, text), 60)  # bounded: never a hang
+    types = [e.type for e in events]
+    if "error" in types:
+        error = next(e for e in events if e.type == "error")
+        assert error.data.get("code") and error.data.get("text"), error.data
+        assert len(text) > 2000 or not any(ch.isalpha() for ch in text), (text[:40], error.data)
+        return
+    assert types[0] == "audio-start" and types[-1] == "audio-stop", types
+    audio = b"".join(e.payload or b"" for e in events if e.type == "audio-chunk")
+    if any(ch.isalpha() for ch in text):
+        assert len(audio) > 24000, f"nothing said for {text[:40]!r}"  # at least 0.5 s at 24 kHz
+    # and the server still answers a plain request afterwards
+    rate, pcm = pcm_of(await synthesize(server.port, "Il est midi."))
+    assert rate == 24000 and len(pcm) > 24000

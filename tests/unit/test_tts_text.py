@@ -193,3 +193,18 @@ def test_other_languages_only_lose_markup() -> None:
 
 def test_degree_sign_survives_emoji_stripping() -> None:
     assert "°" in strip_markup("21 °C 😀")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "La lumière est allumée, 照明 включена.",
+            "La lumière est allumée, .",
+        ),
+        ("Ça coûte douze euros à Noël, œuf, naïve.", "Ça coûte douze euros à Noël, œuf, naïve."),
+        ("Привет", ""),
+    ],
+)
+def test_letters_a_latin_voice_cannot_say_are_left_out(text: str, expected: str) -> None:
+    assert normalize(text, "fr") == expected

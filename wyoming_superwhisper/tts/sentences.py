@@ -31,6 +31,7 @@ espeak-ng, a remote server) reads them the same way.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,9 +41,40 @@ from num2words import num2words
 
 NEVER_FINAL = frozenset(
     {
-        "m", "mm", "mme", "mmes", "mlle", "mlles", "dr", "drs", "pr", "me", "mgr", "st", "ste",
-        "p", "pp", "vol", "chap", "cf", "ex", "env", "av", "bd", "fig", "tél", "tel", "art",
-        "mr", "mrs", "ms", "prof", "vs", "no", "n°", "approx",
+        "m",
+        "mm",
+        "mme",
+        "mmes",
+        "mlle",
+        "mlles",
+        "dr",
+        "drs",
+        "pr",
+        "me",
+        "mgr",
+        "st",
+        "ste",
+        "p",
+        "pp",
+        "vol",
+        "chap",
+        "cf",
+        "ex",
+        "env",
+        "av",
+        "bd",
+        "fig",
+        "tél",
+        "tel",
+        "art",
+        "mr",
+        "mrs",
+        "ms",
+        "prof",
+        "vs",
+        "no",
+        "n°",
+        "approx",
     }
 )
 """Words after which a dot never ends a sentence (titles and reference abbreviations)."""
@@ -121,9 +153,7 @@ class SentenceSplitter:
             length = len(sentence.strip())
             complete = end is not None or final
             if length > opts.first_max_chars:
-                clause = _clause_end(
-                    sentence, opts.first_min_chars, opts.min_tail_chars if complete else 0
-                )
+                clause = _clause_end(sentence, opts.first_min_chars, opts.min_tail_chars if complete else 0)
                 if clause is not None:
                     return clause
         if end is not None:
@@ -244,7 +274,7 @@ def _fr_int(n: int, *, feminine: bool = False) -> str:
 
 
 def _fr_number(raw: str, *, feminine: bool = False) -> str:
-    """"3,5" → "trois virgule cinq", "-2" → "moins deux", "3,05" → "trois virgule zéro cinq"."""
+    """ "3,5" → "trois virgule cinq", "-2" → "moins deux", "3,05" → "trois virgule zéro cinq"."""
     raw = raw.replace(".", ",") if raw.count(".") == 1 and "," not in raw else raw
     negative = raw.startswith("-")
     raw = raw.lstrip("-")
@@ -305,7 +335,9 @@ _FR_UNITS: dict[str, tuple[str, str, bool]] = {
     "dB": ("décibel", "décibels", False),
 }
 _FR_UNIT_RE = re.compile(
-    r"(?<![\w,.])(" + _NUMBER + r")\s?("
+    r"(?<![\w,.])("
+    + _NUMBER
+    + r")\s?("
     + "|".join(re.escape(u) for u in sorted(_FR_UNITS, key=len, reverse=True))
     + r")(?![\w²³])"
 )
@@ -330,8 +362,18 @@ _FR_ABBREVIATIONS: tuple[tuple[str, str], ...] = (
 )
 
 _MONTHS_FR = (
-    "janvier", "février", "mars", "avril", "mai", "juin",
-    "juillet", "août", "septembre", "octobre", "novembre", "décembre",
+    "janvier",
+    "février",
+    "mars",
+    "avril",
+    "mai",
+    "juin",
+    "juillet",
+    "août",
+    "septembre",
+    "octobre",
+    "novembre",
+    "décembre",
 )
 
 
@@ -387,13 +429,25 @@ def _money_replacer(unit: tuple[str, str], cents: str) -> Callable[[re.Match[str
     return replace
 
 
-_CURRENCIES_FR = {"€": (("euro", "euros"), "centime"), "$": (("dollar", "dollars"), "cent"),
-                  "£": (("livre", "livres"), "penny")}
+_CURRENCIES_FR = {
+    "€": (("euro", "euros"), "centime"),
+    "$": (("dollar", "dollars"), "cent"),
+    "£": (("livre", "livres"), "penny"),
+}
+
+
+def latin_only(text: str) -> str:
+    """Letters of other scripts (CJK, Cyrillic, Arabic...) out: a French or English voice
+    cannot say them, and spells them out instead ("lettre cyrillique...", 17 s for 45
+    characters), so the quality gate refused every voice and nothing was said."""
+    if text.isascii():
+        return text
+    return "".join(" " if ch.isalpha() and "LATIN" not in unicodedata.name(ch, "") else ch for ch in text)
 
 
 def normalize_fr(text: str) -> str:
     """French text as a voice should read it (see the module docstring)."""
-    text = strip_markup(text)
+    text = latin_only(strip_markup(text))
     for pattern, words in _FR_ABBREVIATIONS:
         text = re.sub(pattern, words, text)
     text = _THOUSANDS.sub(lambda m: re.sub(r"[ \u00a0\u202f]", "", m.group(1)), text)
@@ -408,9 +462,7 @@ def normalize_fr(text: str) -> str:
         money = _money_replacer(unit, cents)
         text = re.sub(r"(" + _NUMBER + r")\s?" + sym, money, text)
         text = re.sub(sym + r"\s?(" + _NUMBER + r")", money, text)
-    text = re.sub(
-        r"(" + _NUMBER + r")\s?%", lambda m: _fr_number(m.group(1)) + " pour cent", text
-    )
+    text = re.sub(r"(" + _NUMBER + r")\s?%", lambda m: _fr_number(m.group(1)) + " pour cent", text)
     text = re.sub(
         r"(" + _NUMBER + r")\s?°\s?([CF])?\b|(" + _NUMBER + r")\s?°",
         _fr_degrees,
@@ -462,24 +514,39 @@ def _en_money(raw: str, unit: str) -> str:
 
 def normalize_en(text: str) -> str:
     """English text as a voice should read it: markup out, numbers and symbols in words."""
-    text = strip_markup(text)
+    text = latin_only(strip_markup(text))
     en_number = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?"
     text = re.sub(
         r"\b(\d{1,2}):(\d{2})\b",
-        lambda m: _en_number(m.group(1))
-        + ("" if m.group(2) == "00" else " " + ("oh " if m.group(2)[0] == "0" else "")
-           + _en_number(str(int(m.group(2))))),
+        lambda m: (
+            _en_number(m.group(1))
+            + (
+                ""
+                if m.group(2) == "00"
+                else " " + ("oh " if m.group(2)[0] == "0" else "") + _en_number(str(int(m.group(2))))
+            )
+        ),
         text,
     )
     text = re.sub(r"\$\s?(" + en_number + r")", lambda m: _en_money(m.group(1), "dollar"), text)
-    text = re.sub(r"(" + en_number + r")\s?€|€\s?(" + en_number + r")",
-                  lambda m: _en_money(m.group(1) or m.group(2), "euro"), text)
+    text = re.sub(
+        r"(" + en_number + r")\s?€|€\s?(" + en_number + r")",
+        lambda m: _en_money(m.group(1) or m.group(2), "euro"),
+        text,
+    )
     text = re.sub(r"(" + en_number + r")\s?%", lambda m: _en_number(m.group(1)) + " percent", text)
-    text = re.sub(r"(" + en_number + r")\s?°\s?([CF])?",
-                  lambda m: _en_number(m.group(1)) + " degrees"
-                  + {"C": " Celsius", "F": " Fahrenheit"}.get(m.group(2) or "", ""), text)
-    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b",
-                  lambda m: str(num2words(int(m.group(1)), lang="en", to="ordinal")), text)
+    text = re.sub(
+        r"(" + en_number + r")\s?°\s?([CF])?",
+        lambda m: (
+            _en_number(m.group(1))
+            + " degrees"
+            + {"C": " Celsius", "F": " Fahrenheit"}.get(m.group(2) or "", "")
+        ),
+        text,
+    )
+    text = re.sub(
+        r"\b(\d+)(st|nd|rd|th)\b", lambda m: str(num2words(int(m.group(1)), lang="en", to="ordinal")), text
+    )
     text = re.sub(r"(?<![\w-])(" + en_number + r")(?![\w])", lambda m: _en_number(m.group(1)), text)
     text = re.sub(r"\d+", lambda m: " " + _en_number(m.group(0)) + " ", text)
     text = text.replace("&", " and ")
