@@ -223,6 +223,32 @@ async def transcribe_direct(host: str, port: int, pcm: bytes, language: str, rat
                 raise HassError(f"our ASR answered an error: {Error.from_event(event).text}")
 
 
+async def synthesize_direct(host: str, port: int, text: str, rate: int = 16000) -> bytes:
+    """Our TTS's audio for ``text`` (no language, as Home Assistant asks), as 16-bit mono
+    PCM at ``rate``: speech in a natural voice to feed a pipeline."""
+    from wyoming.tts import Synthesize
+
+    from wyoming_superwhisper.tts.engines import Audio
+
+    parts: list[bytes] = []
+    native = 0
+    async with AsyncTcpClient(host, port) as client:
+        await client.write_event(Synthesize(text=text).event())
+        while True:
+            event = await asyncio.wait_for(client.read_event(), timeout=60)
+            if event is None:
+                raise HassError("our TTS closed the connection mid-answer")
+            if Error.is_type(event.type):
+                raise HassError(f"our TTS answered an error: {Error.from_event(event).text}")
+            if AudioStart.is_type(event.type):
+                native = AudioStart.from_event(event).rate
+            elif AudioChunk.is_type(event.type):
+                parts.append(AudioChunk.from_event(event).audio)
+            elif AudioStop.is_type(event.type):
+                break
+    return Audio(b"".join(parts), native).resampled(rate).pcm
+
+
 # --- Home Assistant: the process -----------------------------------------------------
 
 

@@ -28,6 +28,9 @@ import jiwer
 import numpy as np
 import pytest
 
+from wyoming_superwhisper.asr.engines import word_error_rate
+from wyoming_superwhisper.asr.numbers import to_digits
+
 from .hass import (
     HASS_BIN,
     LOOPBACK,
@@ -41,6 +44,7 @@ from .hass import (
     metric_total,
     onboard_owner,
     superwhisper_serve,
+    synthesize_direct,
     transcribe_direct,
     wait_entries_loaded,
 )
@@ -74,6 +78,22 @@ MAX_WER_VS_DIRECT = 0.2
 one word in five may differ. Home Assistant forwards the audio untouched (no gain, no
 noise suppression in this pipeline); the one difference is where its VAD ends the
 stream in the trailing silence, which can sway whisper on the last word at most."""
+
+READ_BACK = [
+    "Il fait vingt et un degrés dans le salon.",
+    "J'ai allumé la lumière de la cuisine.",
+    "Votre réveil sonnera à six heures quarante-cinq.",
+]
+"""Answers from bench/intelligibility_bench.py, spoken through Home Assistant's TTS API."""
+READ_BACK_MAX_WER = 0.25
+"""Home Assistant's MP3 of our Kokoro voice (24 kHz → ffmpeg → MP3 → 16 kHz), read back
+by our ASR: Kokoro measured 0.079 over 32 French answers straight from the engine
+(bench/intelligibility_bench.py), espeak-ng 0.744. 0.25 is about three times the
+measure, for the MP3 round trip; espeak-ng fails it."""
+
+TEMPERATURE_COMMAND = "Règle le chauffage sur vingt et un degrés."
+"""Spoken by our Kokoro voice into Home Assistant's pipeline. whisper base writes it
+"Règle le chauffage sur 20 et 1 degrés." (measured); the intent stage must get 21."""
 
 ATTEMPTS = "superwhisper_engine_attempts_total"
 """Per chain (``service`` label ``tts.fr``, ``tts.en``): which voice chain answered."""
@@ -279,6 +299,10 @@ async def test_assist_pipeline_in_french_from_wav_to_mp3(
         for lang in ("fr", "en")
     }
     assert voices["fr"] >= 1 and voices["en"] == 0, f"the answer was not spoken in French: {voices}"
+    kokoro = metric_total(
+        metrics_after, ATTEMPTS, service="tts.fr", engine="kokoro-ff_siwis", outcome="ok"
+    ) - metric_total(metrics_before, ATTEMPTS, service="tts.fr", engine="kokoro-ff_siwis", outcome="ok")
+    assert kokoro >= 1, "the French answer was not spoken by the embedded Kokoro voice"
 
     t0 = run.audio_sent_at
     stages = {name: run.first(name).at - t0 for name in ("stt-end", "intent-end", "tts-end", "run-end")}
@@ -289,3 +313,65 @@ async def test_assist_pipeline_in_french_from_wav_to_mp3(
         + f"; MP3 fetched (synthesis + ffmpeg) in {fetched - fetch_started:.2f} s;"
         f" total {fetched - started:.2f} s"
     )
+
+
+async def test_a_spoken_temperature_reaches_the_intent_stage_in_digits(configured: Configured) -> None:
+    """Whisper writes "vingt et un degrés" (or "20 et 1 degrés"); Home Assistant must get "21"."""
+    stt_entity = _entity(configured, "asr", "stt")
+    tts_entity = _entity(configured, "tts", "tts")
+    agent_entity = _entity(configured, "handle", "conversation")
+    # The command in a natural French voice: our own TTS server (Kokoro), resampled to 16 kHz.
+    spoken = await synthesize_direct(LOOPBACK, configured.stack.servers.ports.tts, TEMPERATURE_COMMAND)
+    silence = np.zeros(16000 // 2, dtype=np.int16).tobytes()
+    pcm = silence + spoken + silence * 3
+    async with (
+        aiohttp.ClientSession() as session,
+        HassWebSocket.connect(session, configured.stack.hass.url, configured.token) as ws,
+    ):
+        pipeline = await ws.call(
+            "assist_pipeline/pipeline/create",
+            name="superwhisper-numbers",
+            language="fr",
+            conversation_engine=agent_entity,
+            conversation_language="fr",
+            stt_engine=stt_entity,
+            stt_language="fr",
+            tts_engine=tts_entity,
+            tts_language="fr",
+            tts_voice=None,
+            wake_word_entity=None,
+            wake_word_id=None,
+        )
+        run = await ws.run_pipeline(pipeline["id"], pcm)
+    assert not run.errors(), f"the pipeline reported errors: {run.errors()}"
+    transcript = run.first("stt-end").data["stt_output"]["text"]
+    intent_input = run.first("intent-start").data["intent_input"]
+    print(f"\n[result] transcript {transcript!r}, intent input {intent_input!r}")
+    assert re.search(r"\b21\b", intent_input), f"no 21 in what the intent stage got: {intent_input!r}"
+    assert "vingt" not in intent_input.lower(), intent_input
+
+
+async def test_home_assistant_fetches_french_speech_that_our_asr_understands(configured: Configured) -> None:
+    """The TTS audio Home Assistant itself fetched and serves (MP3), read back by our ASR."""
+    tts_entity = _entity(configured, "tts", "tts")
+    base = configured.stack.hass.url
+    said, heard = [], []
+    async with aiohttp.ClientSession() as session:
+        for text in READ_BACK:
+            async with session.post(
+                f"{base}/api/tts_get_url",
+                json={"engine_id": tts_entity, "message": text, "language": "fr"},
+                headers={"Authorization": f"Bearer {configured.token}"},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                # "path", not "url": the URL carries Home Assistant's configured address
+                # (not loopback); the path is fetched from the instance the test runs.
+                path = (await resp.json())["path"]
+            mp3, _ = await fetch_bytes(session, base + path)
+            pcm = decode_audio(mp3)
+            said.append(to_digits(text, "fr"))
+            heard.append(await transcribe_direct(LOOPBACK, configured.stack.servers.ports.asr, pcm, "fr"))
+    errors = sum(word_error_rate(s, h) * len(s.split()) for s, h in zip(said, heard, strict=True))
+    wer = errors / sum(len(s.split()) for s in said)
+    print(f"\n[result] read back {heard!r} (WER {wer:.2f})")
+    assert wer <= READ_BACK_MAX_WER, list(zip(said, heard, strict=True))

@@ -13,6 +13,9 @@ from wyoming_superwhisper.asr.numbers import to_digits
         # what Whisper wrote through a real Home Assistant pipeline, and its neighbours
         ("Règle le chauffage sur 20 et 1 degrés.", "fr", "Règle le chauffage sur 21 degrés."),
         ("Règle le chauffage sur vingt et un degrés.", "fr", "Règle le chauffage sur 21 degrés."),
+        ("Il fait 20 et un degrés dans le salon.", "fr", "Il fait 21 degrés dans le salon."),
+        ("Votre réveil sonnera à 6h45.", "fr", "Votre réveil sonnera à 6 h 45."),
+        ("Rendez-vous à 14h.", "fr", "Rendez-vous à 14 h."),
         ("Mets le chauffage à vingt-deux degrés.", "fr", "Mets le chauffage à 22 degrés."),
         ("Règle sur vingt et un virgule cinq degrés", "fr", "Règle sur 21,5 degrés"),
         ("Mets la lumière à cinquante pour cent.", "fr", "Mets la lumière à 50 %."),
