@@ -185,6 +185,9 @@ async def test_describe_lists_every_configured_voice(running: tuple[TtsService, 
     voices = {v["name"]: v for v in program["voices"]}
     assert voices["piper-fr_FR-siwis-medium"]["installed"] is False  # not on this machine
     assert voices["espeak-fr"]["installed"] is True and voices["espeak-fr"]["languages"] == ["fr"]
+    kokoro = voices["kokoro-ff_siwis"]  # the embedded natural French voice, on a fresh install
+    assert kokoro["installed"] is True and kokoro["languages"] == ["fr"]
+    assert "hexgrad" in kokoro["attribution"]["name"]
     assert voices["piper-joe"]["installed"] is True and voices["piper-joe"]["languages"] == ["en"]
     assert voices["piper-joe"]["attribution"]["name"]
 
@@ -440,3 +443,27 @@ async def test_odd_french_text_gets_speech_or_a_clear_error_never_a_hang(
     # and the server still answers a plain request afterwards
     rate, pcm = pcm_of(await synthesize(server.port, "Il est midi."))
     assert rate == 24000 and len(pcm) > 24000
+
+
+async def test_kokoro_takes_the_pinned_gpu_when_there_is_one() -> None:
+    """A GPU cannot exist here: the guard's decision is the only fake; registry and plan are real."""
+    from prometheus_client import CollectorRegistry
+
+    from wyoming_superwhisper.runtime.gpu import GpuDecision, GpuDevice
+    from wyoming_superwhisper.runtime.metrics import Metrics
+    from wyoming_superwhisper.runtime.registry import ModelRegistry
+    from wyoming_superwhisper.runtime.server import ServiceContext
+    from wyoming_superwhisper.runtime.worker import EngineWorker
+    from wyoming_superwhisper.tts.kokoro import KokoroEngine
+
+    settings = make_settings()
+    gpu = GpuDevice(0, "NVIDIA GeForce RTX 3090", 24 * 10**9, "00000000:01:00.0")
+    context = ServiceContext(
+        settings, ModelRegistry.from_settings(settings), GpuDecision("cuda:0", gpu, "test"),
+        Metrics(CollectorRegistry()),
+    )  # fmt: skip
+    service = TtsService(context)
+    engines = {level.engine.name: level.engine for level in service.routes["fr"].levels}
+    kokoro = engines["kokoro-ff_siwis"]
+    assert isinstance(kokoro, EngineWorker) and isinstance(kokoro.engine, KokoroEngine)
+    assert kokoro.device == "cuda:0"  # its ONNX session asks for CUDA first

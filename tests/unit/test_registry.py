@@ -519,3 +519,38 @@ def test_parts_of_one_name_join_by_distribution(tmp_path: Path, monkeypatch: pyt
     assert found.entry_path.read_bytes() == b"".join(parts)  # in the catalog's order
     names = sorted(p.name for p in found.path.iterdir())
     assert "part.bin" not in names and not any(":" in name for name in names)
+
+
+_OPTIONAL_CATALOG = """
+models:
+  upgrade:
+    kind: piper
+    optional: true
+    files: [voice.onnx]
+    entry: voice.onnx
+    sources:
+      - hub: {repo: someone/voices}
+  needed:
+    kind: piper
+    files: [voice.onnx]
+    entry: voice.onnx
+    sources:
+      - hub: {repo: someone/voices}
+"""
+
+
+def test_a_missing_optional_model_is_skipped_without_degrading(tmp_path: Path) -> None:
+    """A Piper French voice not fetched yet is an upgrade to come, not a loss (doctor: ok)."""
+    from wyoming_superwhisper.config import EngineLevel
+    from wyoming_superwhisper.runtime.chains import plan_chain
+    from wyoming_superwhisper.runtime.gpu import GpuDecision
+
+    registry = make_registry(tmp_path, _OPTIONAL_CATALOG)
+    assert registry.spec("upgrade").optional and not registry.spec("needed").optional
+    cpu = GpuDecision("cpu", None, "test")
+    plan = plan_chain(
+        "tts.voices.fr", [EngineLevel(model="upgrade"), EngineLevel(model="needed")], registry, cpu
+    )
+    upgrade, needed = plan.skipped
+    assert not upgrade.degraded and upgrade.reason.endswith("(optional)")
+    assert needed.degraded and plan.degraded

@@ -100,7 +100,9 @@ def plan_chain(
         try:
             resolved = registry.resolve(level.model)
         except ModelMissing as error:
-            skipped.append(SkippedLevel(level_key, level, str(error), degraded=True))
+            # An optional model is an upgrade not fetched yet; any other is one the user lost.
+            reason = f"{error} (optional)" if spec.optional else str(error)
+            skipped.append(SkippedLevel(level_key, level, reason, degraded=not spec.optional))
             continue
         planned.append(PlannedLevel(level_key, level, device, resolved))
     return ChainPlan(key, tuple(planned), tuple(skipped))

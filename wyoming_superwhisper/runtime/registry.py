@@ -175,6 +175,9 @@ class ModelSpec:
     options: Mapping[str, Any]
     """Engine option defaults (compute_type, chat_format, n_ctx, speaker, voice...)."""
     sources: tuple[Source, ...]
+    optional: bool = False
+    """An upgrade the user may fetch (a Piper French voice over the embedded Kokoro):
+    a chain level left out because it is not installed is not a degradation."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class ModelStatus:
 # --- catalog loading ----------------------------------------------------------
 
 _ENTRY_KEYS = {
+    "optional",
     "kind",
     "description",
     "languages",
@@ -327,6 +331,7 @@ def _parse_entry(ref: str, entry: Any, key: str, base_dir: Path) -> ModelSpec:
         sha256=MappingProxyType({k: v.lower() for k, v in sha256.items()}),
         options=MappingProxyType(options),
         sources=sources,
+        optional=bool(entry.get("optional", False)),
     )
 
 
