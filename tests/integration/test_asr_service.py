@@ -674,3 +674,22 @@ async def test_a_loop_from_a_too_short_encoder_window_is_decoded_again(
     # (on 2026-12-01 a fresh install read "bonjour" as "pour vous").
     assert wer([FRENCH[0]], [result.text]) <= FRENCH_MAX_WER, result.text
     assert len(words(result.text)) <= len(words(FRENCH[0])) + 2, result.text
+
+
+class SaysNumbers(GatedEngine):
+    """Whisper's way of writing a temperature command, straight from the chain."""
+
+    async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
+        return AsrResult(text="Règle le chauffage sur 20 et 1 degrés.", language="fr", engine=self.name)
+
+
+@pytest.mark.parametrize(("numbers", "expected"), [("digits", "21 degrés"), ("words", "20 et 1 degrés")])
+async def test_partial_and_final_transcripts_carry_the_same_digits(
+    speech: Callable[..., np.ndarray], numbers: str, expected: str
+) -> None:
+    audio = pcm_bytes(padded(speech("Ouvre la porte."), after_s=0.8))
+    async with running([SaysNumbers()], numbers=numbers) as (_, server):
+        exchange = await transcribe(server.port or 0, audio)
+    assert exchange.text == f"Règle le chauffage sur {expected}."
+    chunks = "".join(e.data["text"] for e in exchange.events if e.type == "transcript-chunk")
+    assert chunks.strip() == exchange.text  # the streamed pieces are the same digits

@@ -52,3 +52,15 @@ async def test_doctor_reports_a_crashing_level_and_judges_the_read_back() -> Non
     assert read_back.status in (Status.OK, Status.DEGRADED)
     assert "espeak-fr said 'Il est dix heures et demie.'" in read_back.detail and "WER" in read_back.detail
     assert report.status is Status.BROKEN and report.exit_code == 2
+
+
+async def test_a_fresh_install_speaks_french_with_kokoro_and_is_not_degraded() -> None:
+    """The packaged defaults on what the setup installed: the French chain is all ok."""
+    settings = make_settings()
+    context = make_context(settings)
+    report = await run_doctor(settings, context.registry, context.gpu, ["tts"])  # static checks
+    french = [c for c in report.checks if c.name.startswith("tts.voices.fr")]
+    assert french and all(c.status is Status.OK for c in french), french
+    assert any("kokoro-ff_siwis on cpu" in c.detail for c in french)
+    assert any("optional" in c.detail for c in french)  # the Piper French voice, not fetched
+    assert report.status is Status.OK
