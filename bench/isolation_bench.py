@@ -2,8 +2,9 @@
 
 ``python -m bench.isolation_bench [--n 12] [--out bench/results]`` starts the
 ASR, handle and TTS services twice in one process, once with
-``server.engine_workers: false`` (engines in the server's process) and once
-with ``true`` (each native engine in its supervised worker), on the embedded
+``server.engine_workers: false`` (engines in the server's process), once with
+``true`` (each native engine in its supervised worker, Silero in process: the
+default) and once with ``asr.vad_in_worker: true`` as well, on the embedded
 models, and sends the same requests to both, interleaved, over real Wyoming
 TCP connections:
 
@@ -59,10 +60,11 @@ from wyoming_superwhisper.tts.service import TtsService
 LOOPBACK = "127.0.0.1"
 COMMAND_FR = "Allume la lumière du salon."
 ANSWER_EN = "The living room light is on."
-MODES = {"in_process": False, "workers": True}
+MODES = {"in_process": (False, False), "workers": (True, False), "workers_vad": (True, True)}
+"""(server.engine_workers, asr.vad_in_worker): the default is "workers" (Silero in process)."""
 
 
-def settings_for(workers: bool) -> Any:
+def settings_for(workers: bool, vad_in_worker: bool) -> Any:
     return load_settings(
         environ={},
         overrides={
@@ -73,6 +75,7 @@ def settings_for(workers: bool) -> Any:
             "metrics.enabled": False,
             "zeroconf.enabled": False,
             "server.engine_workers": workers,
+            "asr.vad_in_worker": vad_in_worker,
             "log_level": "WARNING",
         },
     )
@@ -108,8 +111,8 @@ def rss_mib(pid: int) -> float | None:
 class Stack:
     """The three services in this process, in one mode."""
 
-    def __init__(self, workers: bool) -> None:
-        settings = settings_for(workers)
+    def __init__(self, workers: bool, vad_in_worker: bool) -> None:
+        settings = settings_for(workers, vad_in_worker)
         self.context = ServiceContext(
             settings, ModelRegistry.from_settings(settings), choose_gpu(None, settings.gpu),
             Metrics(CollectorRegistry()),
@@ -235,7 +238,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 async def run(n: int) -> dict[str, Any]:
     pcm = french_command()
-    stacks = {mode: Stack(workers) for mode, workers in MODES.items()}
+    stacks = {mode: Stack(*flags) for mode, flags in MODES.items()}
     rss_before = rss_mib(os.getpid())
     for stack in stacks.values():
         await stack.start()
@@ -247,7 +250,7 @@ async def run(n: int) -> dict[str, Any]:
             await handle_once(stack.port("handle"), "Bonjour !", f"warm-{mode}")
             await tts_once(stack.port("tts"))
         for i in range(n):
-            order = list(MODES) if i % 2 == 0 else list(reversed(MODES))
+            order = list(MODES)[i % len(MODES) :] + list(MODES)[: i % len(MODES)]
             for mode in order:
                 stack = stacks[mode]
                 port = stack.port("asr")
@@ -258,7 +261,7 @@ async def run(n: int) -> dict[str, Any]:
                 )
                 samples[mode]["tts"].append(await tts_once(stack.port("tts")))
                 samples[mode]["tok_s"].append(await tokens_per_second(stack))
-        workers = stacks["workers"].worker_pids()
+        workers = stacks["workers_vad"].worker_pids()
         memory = {
             "server_rss_mib_both_stacks": rss_mib(os.getpid()),
             "server_rss_mib_before_start": rss_before,
@@ -275,14 +278,13 @@ async def run(n: int) -> dict[str, Any]:
         ("tts", "TTS synthesize → first audio (s)"),
         ("tok_s", "handle tokens/s (64 tokens, SmolLM2-135M)"),
     ):
-        inproc, worker = summary(samples["in_process"][key]), summary(samples["workers"][key])
-        figures[key] = {
-            "label": label,
-            "in_process": inproc,
-            "workers": worker,
-            "p50_delta": worker["p50"] - inproc["p50"],
-            "p50_ratio": worker["p50"] / inproc["p50"] if inproc["p50"] else None,
-        }
+        inproc = summary(samples["in_process"][key])
+        figures[key] = {"label": label, "in_process": inproc}
+        for mode in ("workers", "workers_vad"):
+            worker = summary(samples[mode][key])
+            figures[key][mode] = worker
+            figures[key][f"{mode}_p50_delta"] = worker["p50"] - inproc["p50"]
+            figures[key][f"{mode}_p50_ratio"] = worker["p50"] / inproc["p50"] if inproc["p50"] else None
     return {
         "date": dt.date.today().isoformat(),
         "host": os.uname().nodename,
@@ -306,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=2) + "\n")
     for figure in results["figures"].values():
         print(
-            f"{figure['label']}: in process p50 {figure['in_process']['p50']:.4f}, "
-            f"workers p50 {figure['workers']['p50']:.4f} (delta {figure['p50_delta'] * 1000:+.1f} ms, "
-            f"ratio {figure['p50_ratio']:.3f})"
+            f"{figure['label']}: in process p50 {figure['in_process']['p50']:.4f}; "
+            f"workers {figure['workers']['p50']:.4f} ({figure['workers_p50_delta'] * 1000:+.1f} ms, "
+            f"x{figure['workers_p50_ratio']:.3f}); with the VAD in a worker too "
+            f"{figure['workers_vad']['p50']:.4f} ({figure['workers_vad_p50_delta'] * 1000:+.1f} ms)"
         )
     print(json.dumps(results["memory"], indent=2))
     print(f"wrote {path}")

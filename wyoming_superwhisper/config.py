@@ -111,9 +111,11 @@ class ServerSettings:
     """Run native engines (llama.cpp, faster-whisper, Piper, Silero) in supervised worker
     processes, so a crash fails one request over to the next level instead of ending the
     server; false: in the server's process (a native crash then ends every service)."""
-    worker_cancel_grace_s: float = 5.0
+    worker_cancel_grace_s: float = 30.0
     """After a request to a worker is cancelled (timeout, client gone), how long the engine
-    may take to stop before the worker is taken for hung and killed, in seconds."""
+    may take to stop before the worker is taken for hung and killed, in seconds. A segment
+    being synthesized ends before the voice stops (Kokoro: about 1 s a sentence on 2 CPUs,
+    a long run-on sentence several times that): shorter, a slow voice is killed for a hang."""
     worker_restart_backoff_s: float = 1.0
     """Wait before restarting a crashed worker, in seconds; doubles per crash in a row."""
     worker_max_backoff_s: float = 60.0
@@ -156,6 +158,11 @@ class AsrSettings:
     and the next chain level redoes it."""
     max_compression_ratio: float = 2.4
     """Quality gate: a transcript more compressible than this is a repetition loop."""
+    vad_in_worker: bool = False
+    """Run Silero VAD in a supervised worker process too (with ``server.engine_workers``).
+    Off by default: every 32 ms frame then pays a round trip to the worker (+0.7 ms a
+    frame, +17 to +28 ms from audio-stop to transcript, measured), more than the +5 ms the
+    isolation may cost; Silero is the smallest native engine and the least likely to crash."""
     numbers: Literal["digits", "words"] = "digits"
     """Spoken numbers in transcripts: ``digits`` ("21 degrés", "50 %", "18 h 30", what
     Home Assistant's intents read) or ``words`` (as Whisper wrote them)."""

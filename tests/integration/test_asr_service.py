@@ -528,12 +528,12 @@ async def test_vad_runs_off_the_event_loop(
     assert threading.get_ident() not in threads
 
 
-async def test_vad_runs_in_its_worker_process_by_default(speech: Callable[..., np.ndarray]) -> None:
-    """The default: Silero in a supervised worker; the stream's state stays here."""
+async def test_vad_in_its_worker_process_survives_a_kill(speech: Callable[..., np.ndarray]) -> None:
+    """``asr.vad_in_worker``: Silero in a supervised worker; the stream's state stays here."""
     gated = GatedEngine()
     gated.gate.set()
     audio = pcm_bytes(padded(speech("Ouvre la porte.")))
-    async with running([gated], speculative_pause_s=0.0) as (service, server):
+    async with running([gated], speculative_pause_s=0.0, vad_in_worker=True) as (service, server):
         assert service.vad.worker is not None
         status = service.vad.worker_status()
         assert status is not None and status["state"] == "ready" and status["pid"] != os.getpid()

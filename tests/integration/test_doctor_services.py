@@ -50,7 +50,8 @@ async def test_doctor_reports_a_crashing_level_and_judges_the_read_back() -> Non
     assert asr_smoke.status is Status.OK and "WER" in asr_smoke.detail, asr_smoke.detail
     read_back = checks[("tts", "read back")]
     assert read_back.status in (Status.OK, Status.DEGRADED)
-    assert "espeak-fr said 'Il est dix heures et demie.'" in read_back.detail and "WER" in read_back.detail
+    assert "kokoro-ff_siwis said 'Il est dix heures et demie.'" in read_back.detail, read_back.detail
+    assert "WER" in read_back.detail
     assert report.status is Status.BROKEN and report.exit_code == 2
 
 

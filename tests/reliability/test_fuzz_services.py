@@ -764,7 +764,13 @@ TTS_KINDS = Kinds(answers=("audio-stop", "error"), stopped=("synthesize-stopped"
 @pytest.fixture(scope="module")
 def tts_server() -> Iterator[ThreadServer]:
     # A case may queue many answers on one connection; the busy cap is the load tests' subject.
-    settings = make_settings(**{"tts.max_chars": TTS_MAX_CHARS, "tts.queue_size": 64})
+    # French by espeak-ng: the protocol is under test here, not the voice, and Kokoro's
+    # second of CPU per sentence would stretch 2,000 cases to tens of minutes (Kokoro's
+    # odd inputs: test_tts_service.py::test_odd_french_text_gets_speech_or_a_clear_error...).
+    french = [{"model": "piper-fr_FR-siwis-medium"}, {"model": "espeak-fr"}]
+    settings = make_settings(
+        **{"tts.max_chars": TTS_MAX_CHARS, "tts.queue_size": 64, "tts.voices.fr": french}
+    )
     server = ThreadServer(lambda: TtsService(make_context(settings)))
     yield server
     server.close()

@@ -356,3 +356,24 @@ async def test_event_flood_is_slowed_not_dropped(server: ServiceServer) -> None:
         "superwhisper_events_throttled_total", {"service": "echo"}
     )
     assert throttled is not None and throttled > 0
+
+
+async def test_readyz_waits_for_the_wyoming_ports_to_listen() -> None:
+    """Services warm up before the ports open: /readyz sent clients to a closed port."""
+    context = make_context(make_settings())
+    service = EchoService(context)
+    await service.start()
+    listening = False
+    ops = OpsServer([service], context, listening=lambda: listening)
+    await ops.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{ops.port}/readyz") as response:
+                assert response.status == 503
+                assert "not listening" in (await response.json())["reasons"]["runtime"]
+            listening = True
+            async with session.get(f"http://127.0.0.1:{ops.port}/readyz") as response:
+                assert response.status == 200
+    finally:
+        await ops.stop()
+        await service.stop()

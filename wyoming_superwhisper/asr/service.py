@@ -171,7 +171,7 @@ class AsrService(WyomingService):
             memory=context.vram,
         )
         self.quality_gate = QualityGate(self.settings.min_avg_logprob, self.settings.max_compression_ratio)
-        self.vad = SileroVad(worker_options(context.settings))
+        self.vad = SileroVad(worker_options(context.settings) if self.settings.vad_in_worker else None)
         if self.vad.worker is not None:
             metrics = context.metrics
             self.vad.worker.watch_crashes(lambda cause: metrics.on_crash("asr", "silero-vad", "vad", cause))

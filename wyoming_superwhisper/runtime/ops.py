@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -42,9 +42,19 @@ def value_is_secret(key: Any, item: Any) -> bool:
 
 
 class OpsServer:
-    def __init__(self, services: Sequence[WyomingService], context: ServiceContext) -> None:
+    def __init__(
+        self,
+        services: Sequence[WyomingService],
+        context: ServiceContext,
+        *,
+        listening: Callable[[], bool] | None = None,
+    ) -> None:
         self.services = services
         self.context = context
+        self.listening = listening
+        """True once the Wyoming ports accept connections (the runtime's); None: not checked.
+        A service is ready after its warm-up, but its port opens only once every service
+        has answered its smoke request: /readyz must not send a client to a closed port."""
         self.started = time.time()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -87,6 +97,8 @@ class OpsServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         reasons = {}
+        if self.listening is not None and not self.listening():
+            reasons["runtime"] = "starting: the Wyoming servers are not listening yet"
         for service in self.services:
             ready, reason = service.readiness()
             if not ready:

@@ -365,6 +365,8 @@ class Runtime:
         self.context = context
         self.servers = [ServiceServer(service) for service in self.services]
         self._stop = asyncio.Event()
+        self.listening = False
+        """Every service's Wyoming port accepts connections (what /readyz waits for)."""
         self._ops: Any = None
         self._discovery: Any = None
 
@@ -376,7 +378,7 @@ class Runtime:
         if settings.metrics.enabled:
             from .ops import OpsServer
 
-            self._ops = OpsServer(self.services, self.context)
+            self._ops = OpsServer(self.services, self.context, listening=lambda: self.listening)
             await self._ops.start()
         for service in self.services:
             await service.start()
@@ -400,6 +402,7 @@ class Runtime:
             self.context.metrics.ready.labels(service.name).set(1 if service.readiness()[0] else 0)
         for server in self.servers:
             await server.start()
+        self.listening = True
         if settings.zeroconf.enabled:
             from .discovery import Discovery
 
@@ -426,6 +429,7 @@ class Runtime:
                 loop.remove_signal_handler(sig)
 
     async def shutdown(self) -> None:
+        self.listening = False
         timeout = self.context.settings.server.shutdown_timeout_s
         if self._discovery is not None:
             await self._discovery.close()

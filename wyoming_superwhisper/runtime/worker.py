@@ -65,7 +65,7 @@ class CancelToken:
 class WorkerOptions:
     """How workers are supervised (``server.worker_*`` settings)."""
 
-    cancel_grace_s: float = 5.0
+    cancel_grace_s: float = 30.0
     """After a call is cancelled (timeout, client gone), how long the child may take to stop
     it before it is taken for hung and killed, in seconds."""
     restart_backoff_s: float = 1.0
