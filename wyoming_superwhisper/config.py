@@ -161,8 +161,9 @@ class AsrSettings:
     vad_in_worker: bool = False
     """Run Silero VAD in a supervised worker process too (with ``server.engine_workers``).
     Off by default: every 32 ms frame then pays a round trip to the worker (+0.7 ms a
-    frame, +17 to +28 ms from audio-stop to transcript, measured), more than the +5 ms the
-    isolation may cost; Silero is the smallest native engine and the least likely to crash."""
+    frame; +28 ms from audio-stop to transcript when audio comes faster than real time,
+    measured), more than the +5 ms the isolation may cost; Silero is the smallest native
+    engine and the least likely to crash."""
     numbers: Literal["digits", "words"] = "digits"
     """Spoken numbers in transcripts: ``digits`` ("21 degrés", "50 %", "18 h 30", what
     Home Assistant's intents read) or ``words`` (as Whisper wrote them)."""
