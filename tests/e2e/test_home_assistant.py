@@ -217,8 +217,6 @@ async def test_assist_pipeline_in_french_from_wav_to_mp3(
     configured: Configured, speech: Callable[..., np.ndarray]
 ) -> None:
     """Speech in, transcript → our conversation agent → our voice, served as MP3 by Home Assistant."""
-    stt_entity = _entity(configured, "asr", "stt")
-    tts_entity = _entity(configured, "tts", "tts")
     agent_entity = _entity(configured, "handle", "conversation")
     base = configured.stack.hass.url
     # espeak-ng's French, 16 kHz mono s16, with the silences a real command has around it.
@@ -229,20 +227,7 @@ async def test_assist_pipeline_in_french_from_wav_to_mp3(
     async with aiohttp.ClientSession() as session:
         metrics_before = await (await session.get(configured.stack.servers.metrics_url)).text()
         async with HassWebSocket.connect(session, base, configured.token) as ws:
-            pipeline = await ws.call(
-                "assist_pipeline/pipeline/create",
-                name="superwhisper",
-                language="fr",
-                conversation_engine=agent_entity,
-                conversation_language="fr",
-                stt_engine=stt_entity,
-                stt_language="fr",
-                tts_engine=tts_entity,
-                tts_language="fr",
-                tts_voice=None,
-                wake_word_entity=None,
-                wake_word_id=None,
-            )
+            pipeline = await create_french_pipeline(ws, configured, "superwhisper")
             started = time.monotonic()
             run = await ws.run_pipeline(pipeline["id"], pcm)
         assert not run.errors(), f"the pipeline reported errors: {run.errors()}"
@@ -315,11 +300,27 @@ async def test_assist_pipeline_in_french_from_wav_to_mp3(
     )
 
 
+async def create_french_pipeline(ws: HassWebSocket, configured: Configured, name: str) -> dict[str, Any]:
+    """A French Assist pipeline of our three entities (speech → agent → voice)."""
+    result: dict[str, Any] = await ws.call(
+        "assist_pipeline/pipeline/create",
+        name=name,
+        language="fr",
+        conversation_engine=_entity(configured, "handle", "conversation"),
+        conversation_language="fr",
+        stt_engine=_entity(configured, "asr", "stt"),
+        stt_language="fr",
+        tts_engine=_entity(configured, "tts", "tts"),
+        tts_language="fr",
+        tts_voice=None,
+        wake_word_entity=None,
+        wake_word_id=None,
+    )
+    return result
+
+
 async def test_a_spoken_temperature_reaches_the_intent_stage_in_digits(configured: Configured) -> None:
     """Whisper writes "vingt et un degrés" (or "20 et 1 degrés"); Home Assistant must get "21"."""
-    stt_entity = _entity(configured, "asr", "stt")
-    tts_entity = _entity(configured, "tts", "tts")
-    agent_entity = _entity(configured, "handle", "conversation")
     # The command in a natural French voice: our own TTS server (Kokoro), resampled to 16 kHz.
     spoken = await synthesize_direct(LOOPBACK, configured.stack.servers.ports.tts, TEMPERATURE_COMMAND)
     silence = np.zeros(16000 // 2, dtype=np.int16).tobytes()
@@ -328,20 +329,7 @@ async def test_a_spoken_temperature_reaches_the_intent_stage_in_digits(configure
         aiohttp.ClientSession() as session,
         HassWebSocket.connect(session, configured.stack.hass.url, configured.token) as ws,
     ):
-        pipeline = await ws.call(
-            "assist_pipeline/pipeline/create",
-            name="superwhisper-numbers",
-            language="fr",
-            conversation_engine=agent_entity,
-            conversation_language="fr",
-            stt_engine=stt_entity,
-            stt_language="fr",
-            tts_engine=tts_entity,
-            tts_language="fr",
-            tts_voice=None,
-            wake_word_entity=None,
-            wake_word_id=None,
-        )
+        pipeline = await create_french_pipeline(ws, configured, "superwhisper-numbers")
         run = await ws.run_pipeline(pipeline["id"], pcm)
     assert not run.errors(), f"the pipeline reported errors: {run.errors()}"
     transcript = run.first("stt-end").data["stt_output"]["text"]
