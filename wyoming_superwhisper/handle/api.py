@@ -1,4 +1,4 @@
-"""The same brain over an OpenAI-compatible API: ``/v1/models`` and ``/v1/chat/completions``.
+"""The same brain over HTTP: OpenAI-compatible ``/v1`` here, the Ollama API (:mod:`.ollama`) beside it.
 
 Home Assistant's LLM conversation integrations (its ``llama_cpp`` one among
 them) speak this protocol and can pass their home-control ``tools``; the
@@ -9,7 +9,6 @@ conversation, so no server-side memory is used here.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -19,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..runtime.fallback import AllLevelsFailed
+from .home import ToolError
+from .ollama import key_matches
+from .service import ClientGone
 from .prompts import apology, detect_language
 
 if TYPE_CHECKING:
@@ -36,6 +38,9 @@ class OpenAIApi:
         self.app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_post("/v1/chat/completions", self.chat)
+        from .ollama import OllamaRoutes
+
+        OllamaRoutes(service).register(self.app)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -59,7 +64,9 @@ class OpenAIApi:
         key = self.settings.api_key
         if key:
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            if not key_matches(given, key):
+                if not request.path.startswith("/v1"):  # the Ollama API's error shape
+                    return web.json_response({"error": "unauthorized"}, status=401)
                 return _error(401, "invalid or missing bearer token", "invalid_api_key")
         response: web.StreamResponse = await handler(request)
         return response
@@ -133,6 +140,9 @@ class OpenAIApi:
                 messages, language, ignore, max_tokens=max_tokens,
                 tools=body.get("tools"), tool_choice=body.get("tool_choice"), extra=extra,
             )  # fmt: skip
+        except ToolError as error:
+            self.service.context.metrics.count(self.service.name, "error")
+            return _error(400, str(error), "invalid_request_error")
         except AllLevelsFailed as failure:
             _LOGGER.warning("handle API: no answer: %s", failure)
             self.service.context.metrics.count(self.service.name, "error")
@@ -183,13 +193,19 @@ class OpenAIApi:
             nonlocal first
             delta = {"role": "assistant", "content": piece} if first else {"content": piece}
             first = False
-            await send(delta)
+            try:
+                await send(delta)
+            except ConnectionError as error:  # the client left: not the model's failure
+                raise ClientGone() from error
 
         try:
             answer = await self.service.respond(
                 messages, language, on_chunk, max_tokens=max_tokens,
                 tools=body.get("tools"), tool_choice=body.get("tool_choice"), extra=extra,
             )  # fmt: skip
+        except ToolError as error:
+            self.service.context.metrics.count(self.service.name, "error")
+            await response.write(f"data: {json.dumps({'error': {'message': str(error)}})}\n\n".encode())
         except AllLevelsFailed:
             self.service.context.metrics.count(self.service.name, "error")
             await send({"role": "assistant", "content": apology(language)}, "stop")

@@ -51,6 +51,8 @@ class ChatRequest:
     tool_choice: Any = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further sampling parameters from an API client (top_p, stop, seed...)."""
+    language: str = "fr"
+    """The user's language (the tool-calling instructions are written in it)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ class LlamaCppEngine(ChatEngine):
         self.quality = quality
         self.languages = tuple(languages)
         self.options = dict(options or {})
-        self.supports_tools = bool(self.options.get("tools", False))
+        self.supports_tools = True
+        """Tools are always usable: a grammar makes the model choose a valid call or text."""
         self.n_ctx = int(self.options.get("n_ctx", 2048))
         self.stats = GenerationStats()
         self._llm: Any = None
@@ -185,17 +188,38 @@ class LlamaCppEngine(ChatEngine):
         if "logit_bias" in params:  # JSON/YAML keys are strings; llama.cpp wants token ids
             params["logit_bias"] = {int(k): float(v) for k, v in params["logit_bias"].items()}
         params["max_tokens"] = request.max_tokens
-        if request.tools and self.supports_tools:
-            params["tools"] = list(request.tools)
-            if request.tool_choice is not None:
-                params["tool_choice"] = request.tool_choice
         return params
+
+    def _tool_setup(self, request: ChatRequest) -> tuple[list[dict[str, Any]], str | None]:
+        """Messages and grammar for a request with tools (see :mod:`.toolcalls`); none without."""
+        messages = [dict(m) for m in request.messages]
+        if not request.tools:
+            return messages, None
+        from .home import home_of
+        from .toolcalls import after_tool_result, plain_messages, tool_grammar, tools_prompt
+
+        home = home_of(messages, request.tools)
+        if not home.tools:
+            return plain_messages(messages), None
+        calls_allowed = not after_tool_result(messages)
+        grammar = tool_grammar(home, allow_calls=calls_allowed)
+        plain = plain_messages(messages)
+        if calls_allowed:
+            instructions = tools_prompt(home, request.language)
+            if plain and plain[0]["role"] == "system":
+                plain[0]["content"] = instructions + "\n" + plain[0]["content"]
+            else:
+                plain.insert(0, {"role": "system", "content": instructions})
+        return plain, grammar
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatDelta, None]:
         if self._llm is None or self._lock is None:
             raise EngineError(f"{self.name} is not loaded")
         params = self._params(request)
-        messages = [dict(m) for m in request.messages]
+        try:
+            messages, grammar = self._tool_setup(request)
+        except ValueError as error:  # ToolError: already refused by the service, kept safe here
+            raise EngineError(f"{self.name}: {error}") from error
         async with self._lock:
             llm = self._llm
             if llm is None:
@@ -217,7 +241,7 @@ class LlamaCppEngine(ChatEngine):
             self.stats = stats
             thread = threading.Thread(
                 target=self._generate,
-                args=(llm, messages, params, cancel, emit, done, stats),
+                args=(llm, messages, params, cancel, emit, done, stats, grammar),
                 name=f"llm-{self.model}",
                 daemon=True,
             )
@@ -249,10 +273,16 @@ class LlamaCppEngine(ChatEngine):
         emit: Any,
         done: Any,
         stats: GenerationStats,
+        grammar: str | None = None,
     ) -> None:
         try:
             with self._model_lock:
+                if grammar is not None:
+                    from llama_cpp import LlamaGrammar
+
+                    params = {**params, "grammar": LlamaGrammar.from_string(grammar, verbose=False)}
                 chunks = llm.create_chat_completion(messages=messages, stream=True, **params)
+                call_text: str | None = None  # a call is sent whole, once the grammar closed it
                 try:
                     for chunk in chunks:
                         if cancel.is_set():
@@ -266,6 +296,11 @@ class LlamaCppEngine(ChatEngine):
                         finish = choice.get("finish_reason")
                         if finish:
                             stats.finish_reason = finish
+                        if grammar is not None and (call_text is not None or text.lstrip().startswith("{")):
+                            call_text = (call_text or "") + text
+                            if finish:
+                                emit(_call_delta(call_text, finish))
+                            continue
                         if text or finish or delta.get("tool_calls"):
                             emit(ChatDelta(text, finish, delta.get("tool_calls")))
                 finally:
@@ -279,6 +314,23 @@ class LlamaCppEngine(ChatEngine):
             stats.running = False
             emit(_END)
             done()
+
+
+def _call_delta(text: str, finish: str) -> ChatDelta:
+    """The grammar-constrained JSON the model wrote → one OpenAI-style tool-call delta."""
+    from .toolcalls import parse_call
+
+    call = parse_call(text)  # ToolError when cut off by max_tokens: the level fails, the next answers
+    if call is None:
+        return ChatDelta(text, finish)
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    tool_call = {
+        "index": 0,
+        "id": f"call_{abs(hash(text)) % 10**12:012d}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": arguments},
+    }
+    return ChatDelta("", "tool_calls", [tool_call])
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

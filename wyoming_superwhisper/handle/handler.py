@@ -25,6 +25,7 @@ from ..runtime.limits import ProtocolViolation
 from ..runtime.server import Connection, EventHandler
 from .conversation import conversation_key
 from .prompts import apology, base_language, detect_language, strip_control
+from .service import ClientGone as _ClientGone
 from .service import HandleService
 
 _LOGGER = logging.getLogger(__name__)
@@ -146,11 +147,3 @@ class HandleHandler(EventHandler):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class _ClientGone(asyncio.CancelledError):
-    """Writing to the client failed: abandon the answer like a cancellation.
-
-    A subclass of ``CancelledError`` so the fallback chain does not take it for an
-    engine failure and try the next level for nobody.
-    """

@@ -51,6 +51,7 @@ from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingSe
 from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
+from .home import home_of
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
@@ -62,6 +63,7 @@ from .prompts import (
     system_prompt,
     wrong_language,
 )
+from .toolcalls import tool_grammar, validate_call
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -69,6 +71,17 @@ ChunkSink = Callable[[str], Awaitable[None]]
 SEND_MARGIN_S = 0.5
 """Kept from ``handle.timeout_s`` to send the final events once generation stops."""
 PROMPTS_KEPT = 256
+TOOL_CALL_TOKENS = 128
+"""Least tokens a request with tools gets: a call cut off mid-JSON could not be executed."""
+
+
+class ClientGone(asyncio.CancelledError):
+    """Writing to the client failed: abandon the answer like a cancellation.
+
+    A subclass of ``CancelledError`` so the fallback chain does not take a client
+    that hung up for an engine failure (which would open the circuit) and try the
+    next level for nobody. Raised by the front doors' chunk sinks.
+    """
 
 
 @dataclass(frozen=True)
@@ -342,11 +355,17 @@ class HandleService(WyomingService):
         tool_choice: Any = None,
         extra: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
+        prefer_level: int | None = None,
     ) -> Answer:
         """Stream an answer through the chain; raise :class:`AllLevelsFailed` when none answers.
 
         Always returns (or raises) within ``timeout_s`` (default ``handle.timeout_s``).
+        ``prefer_level``: the level tried first (a client that named that level's model).
+        Raises :class:`ToolError` for ``tools`` that cannot be used, before any model runs.
         """
+        home = home_of(messages, tools) if tools else None
+        if home is not None and home.tools:
+            tool_grammar(home)  # a schema the grammar cannot express is the client's error
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = self.settings.timeout_s if timeout_s is None else timeout_s
@@ -354,21 +373,31 @@ class HandleService(WyomingService):
         request = ChatRequest(
             messages=list(messages),
             max_tokens=min(
-                max_tokens or self.settings.max_tokens,
-                max(self.settings.max_tokens, self.settings.api_max_tokens),
+                max(max_tokens or self.settings.max_tokens, TOOL_CALL_TOKENS if home else 0),
+                max(self.settings.max_tokens, self.settings.api_max_tokens, TOOL_CALL_TOKENS if home else 0),
             ),
             tools=tools,
             tool_choice=tool_choice,
             extra=dict(extra or {}),
+            language=language,
         )
         engines = self.chain.engines
         order = self.route(messages, tools)
+        if prefer_level is not None and prefer_level in order:
+            order = [prefer_level, *(i for i in order if i != prefer_level)]
 
         async def call(engine: ChatEngine) -> Answer:
             index = engines.index(engine)
-            return await self._stream_level(
+            answer = await self._stream_level(
                 engine, index, request, language, on_chunk, deadline, started, index == order[-1]
             )
+            if home is not None:
+                for tool_call in answer.tool_calls:
+                    function = tool_call.get("function") or {}
+                    problem = validate_call(str(function.get("name", "")), function.get("arguments"), home)
+                    if problem:  # the next level answers: an invalid call must never reach the home
+                        raise QualityRejected(f"invalid tool call: {problem}")
+            return answer
 
         try:
             async with asyncio.timeout_at(started + max(0.1, budget - SEND_MARGIN_S / 2)):

@@ -1,0 +1,146 @@
+"""The Ollama API on the handle service, spoken to by the ``ollama`` client Home Assistant uses.
+
+Real SmolLM2-135M on CPU, real HTTP. The request with tools is the one Home
+Assistant 2025.4.4 really sent (tests/data): whatever the tiny model chooses,
+the grammar makes it either a sentence or a call that Home Assistant can
+execute (an offered tool, an exposed name) — never a malformed call.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ollama
+import pytest
+import pytest_asyncio
+
+from wyoming_superwhisper.handle.home import home_of
+from wyoming_superwhisper.handle.ollama import chat_messages
+from wyoming_superwhisper.handle.service import HandleService
+from wyoming_superwhisper.handle.toolcalls import validate_call
+
+from ..conftest import LOOPBACK, make_context, make_settings, serving
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+HASS_REQUEST = json.loads((DATA / "hass-2025.4.4-ollama-chat.json").read_text())["request"]["body"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def base_url() -> AsyncIterator[str]:
+    port = free_port()
+    settings = make_settings(
+        **{
+            "handle.chain": [{"model": "smollm2-135m", "device": "cpu"}],
+            "handle.max_tokens": 48,
+            "handle.api_host": LOOPBACK,
+            "handle.api_port": port,
+        }
+    )
+    service = HandleService(make_context(settings))
+    async with serving(service):
+        yield f"http://{LOOPBACK}:{port}"
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(base_url: str) -> AsyncIterator[ollama.AsyncClient]:
+    """The client Home Assistant's Ollama integration holds (its sockets closed after each test)."""
+    async with ollama.AsyncClient(host=base_url) as session:
+        yield session
+
+
+async def test_the_ollama_client_lists_and_shows_our_models(client: ollama.AsyncClient) -> None:
+    listed = await client.list()
+    names = [m.model for m in listed.models]
+    assert "superwhisper:latest" in names and "smollm2-135m:latest" in names
+    shown = await client.show("superwhisper")
+    assert "tools" in (shown.capabilities or [])
+    with pytest.raises(ollama.ResponseError) as raised:
+        await client.show("llama3.2:latest")
+    assert raised.value.status_code == 404
+
+
+async def test_chat_streams_text_then_done(client: ollama.AsyncClient) -> None:
+    parts = []
+    final = None
+    stream = await client.chat(
+        model="superwhisper:latest",
+        messages=[{"role": "user", "content": "Dis bonjour."}],
+        stream=True,
+        keep_alive="-1.0s",
+        options={"num_ctx": 8192.0, "temperature": 0.0},
+    )
+    async for part in stream:
+        if part.done:
+            final = part
+        else:
+            parts.append(part.message.content or "")
+    assert "".join(parts).strip(), "no text streamed"
+    assert final is not None and final.done_reason in ("stop", "length")
+    plain = await client.chat(model="smollm2-135m", messages=[{"role": "user", "content": "Dis bonjour."}])
+    assert plain.done and (plain.message.content or "").strip()
+
+
+async def test_home_assistants_request_gets_text_or_an_executable_call(client: ollama.AsyncClient) -> None:
+    home = home_of(chat_messages(HASS_REQUEST["messages"]), HASS_REQUEST["tools"])
+    for text in ("Allume la lumière de la cuisine", "Éteins la lumière du salon", "Quelle heure est-il ?"):
+        messages = [*HASS_REQUEST["messages"][:-1], {"role": "user", "content": text}]
+        stream = await client.chat(
+            model="superwhisper:latest", messages=messages, tools=HASS_REQUEST["tools"], stream=True,
+            options={"temperature": 0.0},
+        )  # fmt: skip
+        said, calls = "", []
+        async for part in stream:
+            said += part.message.content or ""
+            calls += part.message.tool_calls or []
+        assert said.strip() or calls, f"{text!r}: neither text nor a call"
+        for call in calls:
+            problem = validate_call(call.function.name, dict(call.function.arguments), home)
+            assert problem is None, f"{text!r}: {problem}"
+
+
+async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        cases: list[tuple[Any, int, str]] = [
+            ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
+            ({"model": "superwhisper", "messages": "x"}, 400, "messages"),
+            ({"model": "superwhisper", "messages": [{"role": "user", "content": "x"}], "tools": "x"}, 400, "tools"),
+            (
+                {"model": "superwhisper", "stream": False, "messages": [{"role": "user", "content": "x"}],
+                 "tools": [{"function": {"name": "bad name!"}}]},
+                400,
+                "function.name",
+            ),
+            ({"model": "superwhisper", "keep_alive": "forever", "messages": []}, 400, "duration"),
+        ]  # fmt: skip
+        for body, status, fragment in cases:
+            async with session.post(f"{base_url}/api/chat", json=body) as response:
+                assert response.status == status, body
+                assert fragment in (await response.json())["error"]
+        async with session.post(f"{base_url}/api/chat", data=b"{not json") as response:
+            assert response.status == 400
+        # a client that drops mid-stream gives its slot back
+        for _ in range(6):
+            async with session.post(
+                f"{base_url}/api/chat",
+                json={"model": "superwhisper", "messages": [{"role": "user", "content": "Raconte une histoire."}]},
+            ) as response:
+                await response.content.readline()
+        async with session.post(
+            f"{base_url}/api/generate", json={"model": "superwhisper", "prompt": "Bonjour", "stream": False}
+        ) as response:
+            assert response.status == 200, await response.text()
+            body = await response.json()
+            assert body["done"] and body["response"].strip()
