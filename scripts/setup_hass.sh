@@ -68,8 +68,10 @@ if [ "$installed" != "$hass_version" ]; then
 fi
 
 # --- the requirements of every integration the test loads ----------------------------
-# Asked of Home Assistant itself: the integrations it always sets up, plus wyoming,
-# closed over dependencies, after_dependencies and the discovery integrations named in
+# Asked of Home Assistant itself: the integrations it always sets up, plus those the
+# tests add (wyoming; ollama and mcp_server for home control; the entity integrations
+# of the test's French home: template, generic_thermostat and their platforms), closed
+# over dependencies, after_dependencies and the discovery integrations named in
 # manifests, as its requirements check does.
 mapfile -t requirements < <("$venv/bin/python" - <<'PY'
 import ast
@@ -88,7 +90,24 @@ for node in ast.parse((package / "bootstrap.py").read_text()).body:
             constants[name] = ast.literal_eval(node.value)
 discovery = {"bluetooth": "bluetooth", "dhcp": "dhcp", "ssdp": "ssdp", "usb": "usb",
              "zeroconf": "zeroconf", "homekit": "zeroconf"}
-todo = constants["DEFAULT_INTEGRATIONS"] | constants["CORE_INTEGRATIONS"] | {"wyoming"}
+tests = {
+    "wyoming",
+    # home control: Home Assistant's LLM agent talks to our Ollama-compatible API
+    "ollama",
+    "mcp_server",
+    # the French home of tests/e2e/hass.py (write_hass_config's home=True)
+    "template",
+    "generic_thermostat",
+    "input_boolean",
+    "input_number",
+    "light",
+    "switch",
+    "climate",
+    "fan",
+    "cover",
+    "sensor",
+}
+todo = constants["DEFAULT_INTEGRATIONS"] | constants["CORE_INTEGRATIONS"] | tests
 seen: set[str] = set()
 requirements: set[str] = set()
 while todo:
@@ -106,12 +125,16 @@ while todo:
 print("\n".join(sorted(requirements)))
 PY
 )
+# Installed under Home Assistant's own package_constraints.txt, as its requirements
+# installer does (pip --constraint): without it, pydantic floats to a release that
+# mcp==1.5.0 (mcp_server) cannot import (pydantic 2.10.6 is pinned there).
+constraints=$("$venv/bin/python" -c 'import homeassistant, os; print(os.path.join(os.path.dirname(homeassistant.__file__), "package_constraints.txt"))')
 stamp="$venv/.superwhisper-requirements"
-wanted=$(printf '%s\n' "homeassistant==$hass_version" "${requirements[@]}")
+wanted=$(printf '%s\n' "homeassistant==$hass_version" "${requirements[@]}" "constraints: $(sha256sum "$constraints" | cut -d' ' -f1)")
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   log "installing ${#requirements[@]} integration requirements: ${requirements[*]}"
   # homeassistant pinned in the same call, so no requirement can move it.
-  "${uv_install[@]}" "homeassistant==$hass_version" "${requirements[@]}"
+  "${uv_install[@]}" --constraint "$constraints" "homeassistant==$hass_version" "${requirements[@]}"
   printf '%s' "$wanted" >"$stamp"
 fi
 log "done: $venv/bin/hass (Home Assistant $hass_version)"

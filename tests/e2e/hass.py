@@ -252,12 +252,14 @@ async def synthesize_direct(host: str, port: int, text: str, rate: int = 16000) 
 # --- Home Assistant: the process -----------------------------------------------------
 
 
-def write_hass_config(config_dir: Path, port: int) -> None:
+def write_hass_config(config_dir: Path, port: int, home: bool = False) -> None:
     """A minimal configuration: loopback HTTP, and a full core config (Paris, French).
 
     Location, time zone, units, currency and country are given so that Home Assistant
     has nothing to detect over the network; ``default_config`` is left out on purpose
-    (it would start zeroconf, SSDP, DHCP, Bluetooth and cloud discovery).
+    (it would start zeroconf, SSDP, DHCP, Bluetooth and cloud discovery). ``home``:
+    also the entities of the French home (``home_yaml()``; ``build_french_home()``
+    then puts them in their areas and exposes them to Assist).
     """
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "configuration.yaml").write_text(
@@ -281,8 +283,10 @@ def write_hass_config(config_dir: Path, port: int) -> None:
               logs:
                 homeassistant.components.wyoming: debug
                 homeassistant.components.assist_pipeline: info
+                homeassistant.components.ollama: debug
             """
         )
+        + (home_yaml() if home else "")
     )
 
 
@@ -308,14 +312,15 @@ class HassInstance:
 
 
 @contextlib.contextmanager
-def home_assistant(config_dir: Path) -> Iterator[HassInstance]:
+def home_assistant(config_dir: Path, home: bool = False) -> Iterator[HassInstance]:
     """``hass -c config_dir --skip-pip`` on a free loopback port; ``wait_ready()`` waits.
 
     ``--skip-pip``: every requirement is installed by scripts/setup_hass.sh; a missing
-    one must fail here, not be fetched from PyPI in the middle of a test.
+    one must fail here, not be fetched from PyPI in the middle of a test. ``home``: with
+    the French home's entities in its configuration (see ``write_hass_config``).
     """
     port = free_port()
-    write_hass_config(config_dir, port)
+    write_hass_config(config_dir, port, home=home)
     argv = [str(HASS_BIN), "-c", str(config_dir), "--skip-pip", "--log-no-color"]
     process = start_process("hass", argv, config_dir / "hass.stdout.log")
     try:
@@ -385,9 +390,9 @@ async def wait_entries_loaded(
         if all(states.get(i) == "loaded" for i in entry_ids):
             return entries
         if any(s in ("setup_error", "migration_error", "failed_unload") for s in states.values()):
-            raise HassError(f"a wyoming entry failed to load: {entries}")
+            raise HassError(f"a config entry failed to load: {entries}")
         if time.monotonic() > deadline:
-            raise HassError(f"wyoming entries not loaded after {limit_s:.0f} s: {entries}")
+            raise HassError(f"config entries not loaded after {limit_s:.0f} s: {entries}")
         await asyncio.sleep(0.2)
 
 
@@ -551,3 +556,374 @@ def decode_audio(data: bytes, rate: int = 16000) -> bytes:
     if result.returncode != 0:
         raise HassError(f"ffmpeg could not decode the audio: {result.stderr.decode(errors='replace')[:500]}")
     return result.stdout
+
+
+async def get_state(session: aiohttp.ClientSession, base: str, token: str, entity_id: str) -> dict[str, Any]:
+    """``GET /api/states/<entity_id>``: the state object (``state``, ``attributes``...)."""
+    async with session.get(
+        f"{base}/api/states/{entity_id}", headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
+        return dict(await _json(resp))
+
+
+async def call_service(
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    domain: str,
+    service: str,
+    data: dict[str, Any] | None = None,
+) -> Any:
+    """``POST /api/services/<domain>/<service>``: the states it changed."""
+    async with session.post(
+        f"{base}/api/services/{domain}/{service}",
+        json=data or {},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as resp:
+        return await _json(resp)
+
+
+async def converse(
+    ws: HassWebSocket,
+    text: str,
+    agent_id: str,
+    language: str = "fr",
+    conversation_id: str | None = None,
+    limit_s: float = 60.0,
+) -> dict[str, Any]:
+    """``conversation/process``, as the Assist dialog sends a typed sentence: the result
+    (``response`` with ``response_type``, ``speech``, ``data``; ``conversation_id``)."""
+    data: dict[str, Any] = {"text": text, "language": language, "agent_id": agent_id}
+    if conversation_id is not None:
+        data["conversation_id"] = conversation_id
+    result: dict[str, Any] = await ws.call("conversation/process", limit_s=limit_s, **data)
+    return result
+
+
+def speech_of(result: dict[str, Any]) -> str:
+    """The plain speech of a ``conversation/process`` result."""
+    return str(result["response"]["speech"].get("plain", {}).get("speech", ""))
+
+
+# --- Home Assistant: a French home ---------------------------------------------------------
+
+DEFAULT_AGENT = "conversation.home_assistant"
+"""Home Assistant's own agent (hassil sentences): the control that the home is right."""
+
+UNIQUE_ID_PREFIX = "superwhisper_e2e_"
+
+
+@dataclass(frozen=True)
+class HomeEntity:
+    """One entity of the French home, as Assist sees it: a name in an area."""
+
+    entity_id: str
+    name: str
+    area: str
+    """The area's name (its id is Home Assistant's slug of it: ``Cuisine`` → ``cuisine``)."""
+
+    @property
+    def domain(self) -> str:
+        return self.entity_id.split(".", 1)[0]
+
+    @property
+    def object_id(self) -> str:
+        return self.entity_id.split(".", 1)[1]
+
+    @property
+    def unique_id(self) -> str:
+        return UNIQUE_ID_PREFIX + self.object_id
+
+
+HOME_AREAS = ("Cuisine", "Salon", "Chambre", "Bureau")
+HOME: tuple[HomeEntity, ...] = (
+    HomeEntity("light.lumiere_cuisine", "Lumière de la cuisine", "Cuisine"),
+    HomeEntity("light.lumiere_salon", "Lumière du salon", "Salon"),
+    HomeEntity("light.lampe_salon", "Lampe du salon", "Salon"),
+    HomeEntity("light.lumiere_chambre", "Lumière de la chambre", "Chambre"),
+    HomeEntity("light.lampe_chevet", "Lampe de chevet", "Chambre"),
+    HomeEntity("light.lumiere_bureau", "Lumière du bureau", "Bureau"),
+    HomeEntity("switch.prise_bureau", "Prise du bureau", "Bureau"),
+    HomeEntity("switch.cafetiere", "Cafetière", "Cuisine"),
+    HomeEntity("fan.ventilateur_chambre", "Ventilateur de la chambre", "Chambre"),
+    HomeEntity("cover.volet_salon", "Volet du salon", "Salon"),
+    HomeEntity("climate.chauffage", "Chauffage", "Salon"),
+    HomeEntity("sensor.temperature_salon", "Température du salon", "Salon"),
+)
+"""Twelve entities in four areas, each exposed to Assist. Each is a template entity (or a
+``generic_thermostat``) backed by ``input_boolean`` / ``input_number`` helpers, which
+are not exposed: the state Assist changes is real Home Assistant state, read back
+through the REST API. The heating's room temperature is ``input_number.temperature_salon``
+(19.5 °C); its heater relay ``input_boolean.chauffage_relais``."""
+
+HEATING_START_TARGET = 19.0
+"""The target temperature of ``climate.chauffage`` at start."""
+
+
+def home_entity(entity_id: str) -> HomeEntity:
+    for entity in HOME:
+        if entity.entity_id == entity_id:
+            return entity
+    raise KeyError(entity_id)
+
+
+def _on_off(boolean: str) -> str:
+    target = f"target: {{entity_id: input_boolean.{boolean}}}"
+    return (
+        f"        turn_on: [{{action: input_boolean.turn_on, {target}}}]\n"
+        f"        turn_off: [{{action: input_boolean.turn_off, {target}}}]\n"
+    )
+
+
+def home_yaml() -> str:
+    """The configuration.yaml sections of ``HOME`` (written before Home Assistant starts).
+
+    Template entities of the legacy platform form, whose key gives the object id, so
+    that entity ids are known in advance; ``unique_id`` puts each in the entity
+    registry (areas and exposure need it). Also ``conversation:``, for the default agent.
+    """
+    by_domain: dict[str, list[HomeEntity]] = {}
+    for entity in HOME:
+        by_domain.setdefault(entity.domain, []).append(entity)
+    booleans = [e.object_id for e in HOME if e.domain in ("light", "switch", "fan")] + ["chauffage_relais"]
+    out = ["conversation:", "input_boolean:"]
+    out += [f"  {name}: {{name: '{name} (état)', initial: false}}" for name in booleans]
+    out.append("input_number:")
+    out += [
+        f"  {e.object_id}_niveau: {{name: '{e.object_id} (niveau)', min: 0, max: 255, step: 1, initial: 255}}"
+        for e in by_domain["light"]
+    ]
+    out.append("  volet_salon_position: {name: 'volet (position)', min: 0, max: 100, step: 1, initial: 0}")
+    out.append(
+        "  temperature_salon: {name: 'salon (température)', min: 0, max: 40, step: 0.5, initial: 19.5,"
+        " unit_of_measurement: '°C'}"
+    )
+    out.append("light:\n  - platform: template\n    lights:")
+    for e in by_domain["light"]:
+        level = f"input_number.{e.object_id}_niveau"
+        boolean = f"input_boolean.{e.object_id}"
+        out.append(
+            f"      {e.object_id}:\n"
+            f"        unique_id: {e.unique_id}\n"
+            f'        friendly_name: "{e.name}"\n'
+            f"        value_template: \"{{{{ is_state('input_boolean.{e.object_id}', 'on') }}}}\"\n"
+            f"        level_template: \"{{{{ states('{level}') | int(0) }}}}\"\n"
+            + _on_off(e.object_id)
+            + "        set_level:\n"
+            f"          - {{action: input_number.set_value, target: {{entity_id: {level}}},"
+            ' data: {value: "{{ brightness }}"}}\n'
+            f"          - {{action: input_boolean.turn_on, target: {{entity_id: {boolean}}}}}"
+        )
+    out.append("switch:\n  - platform: template\n    switches:")
+    for e in by_domain["switch"]:
+        out.append(
+            f"      {e.object_id}:\n"
+            f"        unique_id: {e.unique_id}\n"
+            f'        friendly_name: "{e.name}"\n'
+            f"        value_template: \"{{{{ is_state('input_boolean.{e.object_id}', 'on') }}}}\"\n"
+            + _on_off(e.object_id).rstrip("\n")
+        )
+    out.append("fan:\n  - platform: template\n    fans:")
+    for e in by_domain["fan"]:
+        out.append(
+            f"      {e.object_id}:\n"
+            f"        unique_id: {e.unique_id}\n"
+            f'        friendly_name: "{e.name}"\n'
+            f"        value_template: \"{{{{ states('input_boolean.{e.object_id}') }}}}\"\n"
+            + _on_off(e.object_id).rstrip("\n")
+        )
+    out.append("cover:\n  - platform: template\n    covers:")
+    for e in by_domain["cover"]:
+        position = "input_number.volet_salon_position"
+        set_value = f"action: input_number.set_value, target: {{entity_id: {position}}}"
+        out.append(
+            f"      {e.object_id}:\n"
+            f"        unique_id: {e.unique_id}\n"
+            f'        friendly_name: "{e.name}"\n'
+            "        device_class: shutter\n"
+            f"        position_template: \"{{{{ states('{position}') | int(0) }}}}\"\n"
+            f"        open_cover: [{{{set_value}, data: {{value: 100}}}}]\n"
+            f"        close_cover: [{{{set_value}, data: {{value: 0}}}}]\n"
+            f'        set_cover_position: [{{{set_value}, data: {{value: "{{{{ position }}}}"}}}}]'
+        )
+    out.append("sensor:\n  - platform: template\n    sensors:")
+    for e in by_domain["sensor"]:
+        out.append(
+            f"      {e.object_id}:\n"
+            f"        unique_id: {e.unique_id}\n"
+            f'        friendly_name: "{e.name}"\n'
+            "        device_class: temperature\n"
+            "        unit_of_measurement: '°C'\n"
+            "        value_template: \"{{ states('input_number.temperature_salon') }}\""
+        )
+    out.append("climate:")
+    for e in by_domain["climate"]:
+        out.append(
+            "  - platform: generic_thermostat\n"
+            f'    name: "{e.name}"\n'
+            f"    unique_id: {e.unique_id}\n"
+            "    heater: input_boolean.chauffage_relais\n"
+            "    target_sensor: sensor.temperature_salon\n"
+            "    min_temp: 7\n"
+            "    max_temp: 30\n"
+            f"    target_temp: {HEATING_START_TARGET}\n"
+            "    initial_hvac_mode: heat\n"
+            "    precision: 0.5\n"
+            "    target_temp_step: 0.5"
+        )
+    return "\n".join(out) + "\n"
+
+
+async def build_french_home(ws: HassWebSocket, limit_s: float = 30.0) -> dict[str, str]:
+    """Put ``HOME`` in its areas and expose it to Assist, as a user does in the frontend.
+
+    Areas by ``config/area_registry/create`` (those missing), each entity's area by
+    ``config/entity_registry/update``, exposure by ``homeassistant/expose_entity``
+    (assistant ``conversation``). Waits (``limit_s``) for every entity to be in the
+    registry first. Returns area id per area name.
+    """
+    existing = {a["name"]: a["area_id"] for a in await ws.call("config/area_registry/list")}
+    areas: dict[str, str] = {}
+    for name in HOME_AREAS:
+        if name in existing:
+            areas[name] = existing[name]
+        else:
+            created = await ws.call("config/area_registry/create", name=name)
+            areas[name] = created["area_id"]
+    deadline = time.monotonic() + limit_s
+    while True:
+        registry = await ws.call("config/entity_registry/list")
+        by_unique = {e.get("unique_id"): e for e in registry}
+        missing = [e for e in HOME if e.unique_id not in by_unique]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise HassError(
+                f"not in the entity registry after {limit_s:.0f} s: {[e.entity_id for e in missing]}"
+            )
+        await asyncio.sleep(0.5)
+    for entity in HOME:
+        registered = by_unique[entity.unique_id]["entity_id"]
+        if registered != entity.entity_id:
+            raise HassError(f"{entity.unique_id} registered as {registered}, not {entity.entity_id}")
+        await ws.call("config/entity_registry/update", entity_id=entity.entity_id, area_id=areas[entity.area])
+    await ws.call(
+        "homeassistant/expose_entity",
+        assistants=["conversation"],
+        entity_ids=[e.entity_id for e in HOME],
+        should_expose=True,
+    )
+    return areas
+
+
+async def reset_home(session: aiohttp.ClientSession, base: str, token: str) -> None:
+    """Every entity of ``HOME`` back to its start: off, full brightness, closed, 19 °C."""
+
+    def ids(domain: str) -> list[str]:
+        return [e.entity_id for e in HOME if e.domain == domain]
+
+    for domain in ("light", "switch", "fan"):
+        await call_service(session, base, token, domain, "turn_off", {"entity_id": ids(domain)})
+    levels = [f"input_number.{e.object_id}_niveau" for e in HOME if e.domain == "light"]
+    await call_service(session, base, token, "input_number", "set_value", {"entity_id": levels, "value": 255})
+    await call_service(
+        session, base, token, "cover", "set_cover_position", {"entity_id": ids("cover"), "position": 0}
+    )
+    await call_service(
+        session,
+        base,
+        token,
+        "climate",
+        "set_temperature",
+        {"entity_id": ids("climate"), "temperature": HEATING_START_TARGET},
+    )
+
+
+# --- Home Assistant: the Ollama integration ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OllamaAgent:
+    entry_id: str
+    entity_id: str
+    """The conversation entity (``conversation.<model>``), the agent id for ``converse``."""
+    options: dict[str, Any]
+
+
+async def add_ollama_agent(
+    session: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    url: str,
+    model: str,
+    *,
+    llm_hass_api: str = "assist",
+    num_ctx: int = 8192,
+    max_history: int = 20,
+    keep_alive: int = -1,
+    limit_s: float = 30.0,
+) -> OllamaAgent:
+    """Settings → Integrations → Ollama: the config flow (URL, then model), then the
+    options flow (control by the Assist API, the default prompt kept as the form
+    suggests it), as the frontend posts them. Returns once the reloaded entity offers
+    control (``supported_features`` 1)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    flows = f"{base}/api/config/config_entries/flow"
+    async with session.post(
+        flows, json={"handler": "ollama", "show_advanced_options": False}, headers=headers
+    ) as resp:
+        form = await _json(resp)
+    if form.get("type") != "form" or form.get("step_id") != "user":
+        raise HassError(f"ollama flow did not open its URL form: {form}")
+    async with session.post(f"{flows}/{form['flow_id']}", json={"url": url}, headers=headers) as resp:
+        form = await _json(resp)
+    names = [field_["name"] for field_ in form.get("data_schema", [])]
+    if form.get("type") != "form" or form.get("errors") or names != ["model"]:
+        raise HassError(f"ollama flow for {url} did not ask for a model: {form}")
+    async with session.post(f"{flows}/{form['flow_id']}", json={"model": model}, headers=headers) as resp:
+        result = await _json(resp)
+    if result.get("type") != "create_entry":
+        raise HassError(f"ollama flow for {model!r} did not create an entry (not in /api/tags?): {result}")
+    entry_id = str(result["result"]["entry_id"])
+    await wait_entries_loaded(session, base, token, [entry_id], limit_s)
+
+    options_flows = f"{base}/api/config/config_entries/options/flow"
+    async with session.post(
+        options_flows, json={"handler": entry_id, "show_advanced_options": False}, headers=headers
+    ) as resp:
+        form = await _json(resp)
+    schema = {field_["name"]: field_ for field_ in form.get("data_schema", [])}
+    prompt = (schema.get("prompt", {}).get("description") or {}).get("suggested_value")
+    if form.get("type") != "form" or not prompt:
+        raise HassError(f"ollama options flow did not suggest a prompt: {form}")
+    options = {
+        "prompt": prompt,
+        "llm_hass_api": llm_hass_api,
+        "num_ctx": num_ctx,
+        "max_history": max_history,
+        "keep_alive": keep_alive,
+    }
+    async with session.post(f"{options_flows}/{form['flow_id']}", json=options, headers=headers) as resp:
+        result = await _json(resp)
+    if result.get("type") != "create_entry":
+        raise HassError(f"ollama options flow did not save: {result}")
+
+    deadline = time.monotonic() + limit_s
+    async with HassWebSocket.connect(session, base, token) as ws:
+        while True:
+            registry = await ws.call("config/entity_registry/list")
+            entity_ids = [
+                e["entity_id"]
+                for e in registry
+                if e.get("platform") == "ollama" and e.get("config_entry_id") == entry_id
+            ]
+            if entity_ids:
+                with contextlib.suppress(HassError):  # 404 while the entry reloads
+                    state = await get_state(session, base, token, entity_ids[0])
+                    if state["state"] != "unavailable" and state["attributes"].get("supported_features") == 1:
+                        return OllamaAgent(entry_id, entity_ids[0], options)
+            if time.monotonic() > deadline:
+                raise HassError(
+                    f"no Ollama conversation entity offering control after {limit_s:.0f} s: {entity_ids}"
+                )
+            await asyncio.sleep(0.25)
