@@ -196,7 +196,7 @@ class LlamaCppEngine(ChatEngine):
         if not request.tools:
             return messages, None
         from .home import home_of
-        from .toolcalls import after_tool_result, plain_messages, tool_grammar, tools_prompt
+        from .toolcalls import after_tool_result, example_turns, plain_messages, tool_grammar, tools_prompt
 
         home = home_of(messages, request.tools)
         if not home.tools:
@@ -210,6 +210,7 @@ class LlamaCppEngine(ChatEngine):
                 plain[0]["content"] = instructions + "\n" + plain[0]["content"]
             else:
                 plain.insert(0, {"role": "system", "content": instructions})
+            plain[1:1] = example_turns(home, request.language)
         return plain, grammar
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ChatDelta, None]:
