@@ -65,7 +65,12 @@ COMMANDS: list[tuple[str, str, str | None, dict[str, Any]]] = [
     ("fr", "Règle la lumière du bureau à 50 %", LIGHT, {"name": "Lumière du bureau", "brightness": 50}),
     ("fr", "Mets la lumière du salon à 30 %", LIGHT, {"name": "Lumière du salon", "brightness": 30}),
     ("fr", "Mets la lampe de chevet à 10 %", LIGHT, {"name": "Lampe de chevet", "brightness": 10}),
-    ("fr", "Règle la lumière de la cuisine à 100 %", LIGHT, {"name": "Lumière de la cuisine", "brightness": 100}),
+    (
+        "fr",
+        "Règle la lumière de la cuisine à 100 %",
+        LIGHT,
+        {"name": "Lumière de la cuisine", "brightness": 100},
+    ),
     ("fr", "Allume les lumières du salon", ON, {"area": "Salon", "domain": ["light"]}),
     ("fr", "Éteins les lumières de la chambre", OFF, {"area": "Chambre", "domain": ["light"]}),
     ("fr", "Éteins tout dans le bureau", OFF, {"area": "Bureau"}),
@@ -120,7 +125,9 @@ async def run_model(name: str, path: Path, options: dict[str, Any]) -> dict[str,
         for language, command, tool, expected in COMMANDS:
             messages = [*system, {"role": "user", "content": command}]
             home = home_of(messages, body["tools"])
-            request = ChatRequest(messages, max_tokens=128, temperature=0.0, tools=body["tools"], language=language)
+            request = ChatRequest(
+                messages, max_tokens=128, temperature=0.0, tools=body["tools"], language=language
+            )
             started = time.perf_counter()
             text, raw_calls, error = "", [], None
             try:
@@ -191,7 +198,8 @@ async def main() -> None:
     target.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     for result in results:
         print(
-            f"{result['model']}: right {result['right']:.0%} (fr {result['right_fr']:.0%}, en {result['right_en']:.0%}),"
+            f"{result['model']}: right {result['right']:.0%}"
+            f" (fr {result['right_fr']:.0%}, en {result['right_en']:.0%}),"
             f" malformed {result['malformed']:.0%}, p50 {result['seconds_p50']} s"
         )
     print(target)

@@ -116,7 +116,11 @@ async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_
         cases: list[tuple[Any, int, str]] = [
             ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
             ({"model": "superwhisper", "messages": "x"}, 400, "messages"),
-            ({"model": "superwhisper", "messages": [{"role": "user", "content": "x"}], "tools": "x"}, 400, "tools"),
+            (
+                {"model": "superwhisper", "messages": [{"role": "user", "content": "x"}], "tools": "x"},
+                400,
+                "tools",
+            ),
             (
                 {"model": "superwhisper", "stream": False, "messages": [{"role": "user", "content": "x"}],
                  "tools": [{"function": {"name": "bad name!"}}]},
@@ -135,7 +139,10 @@ async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_
         for _ in range(6):
             async with session.post(
                 f"{base_url}/api/chat",
-                json={"model": "superwhisper", "messages": [{"role": "user", "content": "Raconte une histoire."}]},
+                json={
+                    "model": "superwhisper",
+                    "messages": [{"role": "user", "content": "Raconte une histoire."}],
+                },
             ) as response:
                 await response.content.readline()
         async with session.post(

@@ -6,6 +6,7 @@ The request is the one Home Assistant 2025.4.4's Ollama integration really sent
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def test_history_after_a_tool_call_becomes_plain_alternating_turns() -> None:
     plain = plain_messages(chat_messages(body["messages"]))
     roles = [m["role"] for m in plain]
     assert roles[0] == "system" and "tool" not in roles
-    assert all(a != b for a, b in zip(roles[1:], roles[2:], strict=False))  # user/assistant alternate
+    assert all(a != b for a, b in itertools.pairwise(roles[1:]))  # user/assistant alternate
     assert any('"HassTurnOn"' in m["content"] for m in plain if m["role"] == "assistant")
     assert "Résultat de l'outil" in plain[-1]["content"]
 
@@ -120,7 +121,14 @@ def test_malformed_tools_are_refused_with_a_reason(tools: Any, fragment: str) ->
 
 
 def test_a_schema_the_grammar_cannot_express_names_the_tool() -> None:
-    tools = [{"function": {"name": "Odd", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}}]
+    tools = [
+        {
+            "function": {
+                "name": "Odd",
+                "parameters": {"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}},
+            }
+        }
+    ]
     with pytest.raises(ToolError, match="Odd"):
         tool_grammar(home_of([], tools))
 

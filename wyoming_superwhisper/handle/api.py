@@ -20,8 +20,8 @@ from aiohttp import web
 from ..runtime.fallback import AllLevelsFailed
 from .home import ToolError
 from .ollama import key_matches
-from .service import ClientGone
 from .prompts import apology, detect_language
+from .service import ClientGone
 
 if TYPE_CHECKING:
     from .service import HandleService

@@ -41,7 +41,7 @@ from .prompts import apology, detect_language
 from .service import ClientGone
 
 if TYPE_CHECKING:
-    from .service import HandleService  # noqa: F401  (the runtime import is ClientGone's)
+    from .service import HandleService
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def parse_keep_alive(value: Any) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise OllamaRequestError(400, "keep_alive must be a duration like \"5m\" or a number of seconds")
+        raise OllamaRequestError(400, 'keep_alive must be a duration like "5m" or a number of seconds')
     if isinstance(value, (int, float)):
         return float(value)
     match = _DURATION.match(str(value).strip()) if isinstance(value, str) else None
@@ -136,7 +136,7 @@ class OllamaRoutes:
         for known, level in self.models():
             if known == wanted:
                 return level
-        raise OllamaRequestError(404, f"model \"{name}\" not found, try pulling it first")
+        raise OllamaRequestError(404, f'model "{name}" not found, try pulling it first')
 
     def _model_entry(self, name: str, level: int | None) -> dict[str, Any]:
         engine = self.service.chain.engines[level or 0] if self.service.chain.engines else None
@@ -197,7 +197,9 @@ class OllamaRoutes:
             capabilities.append("tools")
         return web.json_response(
             {
-                "modelfile": f"# served by wyoming-superwhisper {__version__}\nFROM {engine.model or engine.name}\n",
+                "modelfile": (
+                    f"# served by wyoming-superwhisper {__version__}\nFROM {engine.model or engine.name}\n"
+                ),
                 "parameters": "",
                 "template": "{{ .Prompt }}",
                 "details": entry["details"],
@@ -243,8 +245,13 @@ class OllamaRoutes:
         if not messages:  # Ollama: an empty chat loads (or, keep_alive 0, unloads) the model
             reason = "unload" if parse_keep_alive(body.get("keep_alive")) == 0 else "load"
             return web.json_response(
-                {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                 "done_reason": reason, "done": True}  # fmt: skip
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": ""},
+                    "done_reason": reason,
+                    "done": True,
+                }
             )
         return await self._answer(request, body, model, level, messages, tools, options, chat=True)
 
@@ -286,8 +293,12 @@ class OllamaRoutes:
     ) -> web.StreamResponse:
         service = self.service
         metrics = service.context.metrics
-        messages = trim_history(messages, self.settings.max_chars * max(1, self.settings.memory_turns * 2 + 2))
-        last_user = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        messages = trim_history(
+            messages, self.settings.max_chars * max(1, self.settings.memory_turns * 2 + 2)
+        )
+        last_user = next(
+            (str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), ""
+        )
         language = detect_language(last_user, self.settings.language)
         max_tokens = options.pop("num_predict", None)
         stream = body.get("stream", True) is not False
@@ -356,7 +367,12 @@ class OllamaRoutes:
 
 def _chunk(model: str, piece: str, *, chat: bool) -> dict[str, Any]:
     if chat:
-        return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": piece}, "done": False}
+        return {
+            "model": model,
+            "created_at": _now(),
+            "message": {"role": "assistant", "content": piece},
+            "done": False,
+        }
     return {"model": model, "created_at": _now(), "response": piece, "done": False}
 
 
@@ -437,11 +453,10 @@ def _options(raw: Any) -> dict[str, Any]:
         elif key == "num_predict":
             if not _whole(value):
                 raise OllamaRequestError(400, "option num_predict must be an integer")
-            if value > 0:
+            if value > 0:  # Ollama: -1 or 0 mean "no limit": our cap applies
                 out["num_predict"] = int(value)
-        elif key == "num_ctx":  # Home Assistant sends 8192.0: its number fields are floats
-            if not _whole(value) or value < 1:
-                raise OllamaRequestError(400, "option num_ctx must be a positive integer")
+        elif key == "num_ctx" and (not _whole(value) or value < 1):  # HA sends 8192.0 (a float)
+            raise OllamaRequestError(400, "option num_ctx must be a positive integer")
         # every other Ollama option (num_thread, mirostat...) is accepted and ignored, as Ollama
         # ignores the ones its runner lacks
     for key in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
@@ -479,7 +494,9 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
             for number, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                    raise OllamaRequestError(400, f"messages[{index}].tool_calls[{number}]: needs function.name")
+                    raise OllamaRequestError(
+                        400, f"messages[{index}].tool_calls[{number}]: needs function.name"
+                    )
                 arguments = function.get("arguments") or {}
                 converted["tool_calls"].append(
                     {

@@ -51,7 +51,12 @@ def _constrain(prop: str, schema: Mapping[str, Any], home: Home) -> Mapping[str,
         if not domains:
             return None
         if schema.get("type") == "array":
-            return {"type": "array", "items": {"type": "string", "enum": domains}, "minItems": 1, "maxItems": 1}
+            return {
+                "type": "array",
+                "items": {"type": "string", "enum": domains},
+                "minItems": 1,
+                "maxItems": 1,
+            }
         return {"type": "string", "enum": domains}
     return schema
 
@@ -306,7 +311,11 @@ def validate_call(name: str, arguments: Any, home: Home) -> str | None:
             return f"{name}.{key}: {problem}"
         if key == "name" and home.entities and home.entity(str(value)) is None:
             return f"{name}: no exposed entity is called {value!r}"
-        if key == "area" and home.entities and str(value).casefold() not in {a.casefold() for a in home.areas}:
+        if (
+            key == "area"
+            and home.entities
+            and str(value).casefold() not in {a.casefold() for a in home.areas}
+        ):
             return f"{name}: no area is called {value!r}"
     return None
 
@@ -337,7 +346,7 @@ def _type_problem(value: Any, schema: Mapping[str, Any]) -> str | None:
             if problem:
                 return problem
     for bound, check in (("minimum", lambda v, b: v < b), ("maximum", lambda v, b: v > b)):
-        if bound in schema and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if check(value, schema[bound]):
-                return f"{value} is outside [{schema.get('minimum')}, {schema.get('maximum')}]"
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if bound in schema and numeric and check(value, schema[bound]):
+            return f"{value} is outside [{schema.get('minimum')}, {schema.get('maximum')}]"
     return None
