@@ -145,8 +145,15 @@ async def test_a_crash_while_loading_is_a_crash_and_a_load_error_is_that_error(t
         await crashing.load()
     await crashing.close()
     missing = supervised(OPTIONS, _MissingModel, calls=("transcribe",))
+    seen: list[str] = []
+    missing.watch_crashes(seen.append)
     with pytest.raises(FileNotFoundError, match=r"model\.bin"):
         await missing.load()
+    # The supervisor stops the child of a failed load itself: no crash, no restart loop
+    # (a SIGKILL "crash" used to overwrite the level's load_failed error, and restart it).
+    await asyncio.sleep(OPTIONS.restart_backoff_s + 0.5)
+    assert missing.crashes == 0 and seen == []
+    assert missing.worker_status()["state"] == "stopped"
     await missing.close()
 
 

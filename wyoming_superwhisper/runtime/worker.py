@@ -126,6 +126,8 @@ class _Process:
         self._on_exit = on_exit
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self.hung = False
+        self.stopped_on_purpose = False
+        """Killed by the supervisor after a failed load: its exit is no crash to count or restart."""
         self.exited = asyncio.Event()
 
     @property
@@ -306,6 +308,7 @@ class EngineWorker:
         if answer[0] == "crashed":
             raise EngineCrashed(self._shadow.name, answer[1])
         if answer[0] == "load_error":
+            process.stopped_on_purpose = True
             process.kill()
             await process.exited.wait()
             self._state = WorkerState.STOPPED
@@ -331,7 +334,7 @@ class EngineWorker:
         if process is not self._process:
             return
         cause = "hang" if process.hung else exit_cause(process.process.exitcode)
-        expected = self._closing and not process.hung
+        expected = (self._closing or process.stopped_on_purpose) and not process.hung
         self._ready.clear()
         if self._load_answer is not None and not self._load_answer.done():
             self._load_answer.set_result(("crashed", cause))
