@@ -135,6 +135,15 @@ async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_
                 assert fragment in (await response.json())["error"]
         async with session.post(f"{base_url}/api/chat", data=b"{not json") as response:
             assert response.status == 400
+        # an empty request preloads, as Ollama answers it (keep_alive 0: "unload")
+        for path, body, reason in (
+            ("chat", {"model": "superwhisper", "messages": []}, "load"),
+            ("generate", {"model": "superwhisper", "prompt": "", "keep_alive": 0}, "unload"),
+        ):
+            async with session.post(f"{base_url}/api/{path}", json=body) as response:
+                assert response.status == 200
+                reply = await response.json()
+                assert reply["done"] and reply["done_reason"] == reason, reply
         # a client that drops mid-stream gives its slot back
         for _ in range(6):
             async with session.post(

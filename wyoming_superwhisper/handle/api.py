@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ..runtime.fallback import AllLevelsFailed
 from .home import ToolError
-from .ollama import key_matches
+from .ollama import OllamaRoutes, key_matches
 from .prompts import apology, detect_language
 from .service import ClientGone
 
@@ -38,8 +38,6 @@ class OpenAIApi:
         self.app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_post("/v1/chat/completions", self.chat)
-        from .ollama import OllamaRoutes
-
         OllamaRoutes(service).register(self.app)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None

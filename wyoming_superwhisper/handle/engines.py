@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class ChatRequest:
     """Further sampling parameters from an API client (top_p, stop, seed...)."""
     language: str = "fr"
     """The user's language (the tool-calling instructions are written in it)."""
+    grammar: str | None = None
+    """GBNF for a request with tools, built once by the service (:func:`.toolcalls.tool_grammar`)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ class LlamaCppEngine(ChatEngine):
         if not home.tools:
             return plain_messages(messages), None
         calls_allowed = not after_tool_result(messages)
-        grammar = tool_grammar(home, allow_calls=calls_allowed)
+        grammar = request.grammar or tool_grammar(home, allow_calls=calls_allowed)
         plain = plain_messages(messages)
         if calls_allowed:
             instructions = tools_prompt(home, request.language)
@@ -327,7 +330,7 @@ def _call_delta(text: str, finish: str) -> ChatDelta:
     arguments = json.dumps(call["arguments"], ensure_ascii=False)
     tool_call = {
         "index": 0,
-        "id": f"call_{abs(hash(text)) % 10**12:012d}",
+        "id": f"call_{uuid.uuid4().hex[:12]}",
         "type": "function",
         "function": {"name": call["name"], "arguments": arguments},
     }

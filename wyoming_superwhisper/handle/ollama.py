@@ -242,17 +242,8 @@ class OllamaRoutes:
         except OllamaRequestError as error:
             return error_response(error.status, str(error))
         model = str(body["model"])
-        if not messages:  # Ollama: an empty chat loads (or, keep_alive 0, unloads) the model
-            reason = "unload" if parse_keep_alive(body.get("keep_alive")) == 0 else "load"
-            return web.json_response(
-                {
-                    "model": model,
-                    "created_at": _now(),
-                    "message": {"role": "assistant", "content": ""},
-                    "done_reason": reason,
-                    "done": True,
-                }
-            )
+        if not messages:
+            return _load_reply(model, body, chat=True)
         return await self._answer(request, body, model, level, messages, tools, options, chat=True)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -269,10 +260,7 @@ class OllamaRoutes:
             return error_response(error.status, str(error))
         model = str(body["model"])
         if not prompt.strip():
-            reason = "unload" if parse_keep_alive(body.get("keep_alive")) == 0 else "load"
-            return web.json_response(
-                {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
-            )
+            return _load_reply(model, body, chat=False)
         messages: list[dict[str, Any]] = []
         if system:
             messages.append({"role": "system", "content": system})
@@ -363,6 +351,20 @@ class OllamaRoutes:
             return response if response is not None else web.Response(status=499)
         finally:
             service.release()
+
+
+def _load_reply(model: str, body: Mapping[str, Any], *, chat: bool) -> web.Response:
+    """Ollama's answer to an empty request: the model is loaded (``keep_alive`` 0: unloaded).
+
+    Ours stay loaded either way; the reply is what clients that preload expect.
+    """
+    reason = "unload" if parse_keep_alive(body.get("keep_alive")) == 0 else "load"
+    reply: dict[str, Any] = {"model": model, "created_at": _now(), "done_reason": reason, "done": True}
+    if chat:
+        reply["message"] = {"role": "assistant", "content": ""}
+    else:
+        reply["response"] = ""
+    return web.json_response(reply)
 
 
 def _chunk(model: str, piece: str, *, chat: bool) -> dict[str, Any]:

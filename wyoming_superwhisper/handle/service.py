@@ -63,7 +63,7 @@ from .prompts import (
     system_prompt,
     wrong_language,
 )
-from .toolcalls import tool_grammar, validate_call
+from .toolcalls import after_tool_result, tool_grammar, validate_call
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -364,8 +364,13 @@ class HandleService(WyomingService):
         Raises :class:`ToolError` for ``tools`` that cannot be used, before any model runs.
         """
         home = home_of(messages, tools) if tools else None
+        grammar = None
         if home is not None and home.tools:
-            tool_grammar(home)  # a schema the grammar cannot express is the client's error
+            # Built once per request, in a thread (thousands of names take milliseconds of pure
+            # Python); a schema the grammar cannot express is the client's error, raised here.
+            grammar = await asyncio.to_thread(
+                tool_grammar, home, allow_calls=not after_tool_result(messages)
+            )
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = self.settings.timeout_s if timeout_s is None else timeout_s
@@ -380,6 +385,7 @@ class HandleService(WyomingService):
             tool_choice=tool_choice,
             extra=dict(extra or {}),
             language=language,
+            grammar=grammar,
         )
         engines = self.chain.engines
         order = self.route(messages, tools)
