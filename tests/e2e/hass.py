@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -43,6 +44,16 @@ SUPERWHISPER_BIN = REPO / ".venv" / "bin" / "superwhisper"
 
 OWNER = {"name": "Camille", "username": "camille", "password": "superwhisper-e2e", "language": "fr"}
 """The owner created by the onboarding users step (a local account; nothing leaves the machine)."""
+
+
+REQUIRES_HASS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not HASS_BIN.exists(),
+        reason=f"{HASS_BIN} missing: bash scripts/setup_hass.sh builds the Home Assistant venv",
+    ),
+]
+"""``pytestmark`` of every module that starts a real Home Assistant."""
 
 
 def free_port() -> int:
@@ -714,24 +725,20 @@ def home_yaml() -> str:
             ' data: {value: "{{ brightness }}"}}\n'
             f"          - {{action: input_boolean.turn_on, target: {{entity_id: {boolean}}}}}"
         )
-    out.append("switch:\n  - platform: template\n    switches:")
-    for e in by_domain["switch"]:
-        out.append(
-            f"      {e.object_id}:\n"
-            f"        unique_id: {e.unique_id}\n"
-            f'        friendly_name: "{e.name}"\n'
-            f"        value_template: \"{{{{ is_state('input_boolean.{e.object_id}', 'on') }}}}\"\n"
-            + _on_off(e.object_id).rstrip("\n")
-        )
-    out.append("fan:\n  - platform: template\n    fans:")
-    for e in by_domain["fan"]:
-        out.append(
-            f"      {e.object_id}:\n"
-            f"        unique_id: {e.unique_id}\n"
-            f'        friendly_name: "{e.name}"\n'
-            f"        value_template: \"{{{{ states('input_boolean.{e.object_id}') }}}}\"\n"
-            + _on_off(e.object_id).rstrip("\n")
-        )
+    # Template switches and fans differ only in how their state reads the helper.
+    for domain, plural, state in (
+        ("switch", "switches", "is_state('input_boolean.{id}', 'on')"),
+        ("fan", "fans", "states('input_boolean.{id}')"),
+    ):
+        out.append(f"{domain}:\n  - platform: template\n    {plural}:")
+        for e in by_domain[domain]:
+            value = "{{ " + state.format(id=e.object_id) + " }}"
+            out.append(
+                f"      {e.object_id}:\n"
+                f"        unique_id: {e.unique_id}\n"
+                f'        friendly_name: "{e.name}"\n'
+                f'        value_template: "{value}"\n' + _on_off(e.object_id).rstrip("\n")
+            )
     out.append("cover:\n  - platform: template\n    covers:")
     for e in by_domain["cover"]:
         position = "input_number.volet_salon_position"

@@ -32,8 +32,8 @@ from wyoming_superwhisper.asr.engines import word_error_rate
 from wyoming_superwhisper.asr.numbers import to_digits
 
 from .hass import (
-    HASS_BIN,
     LOOPBACK,
+    REQUIRES_HASS,
     HassInstance,
     HassWebSocket,
     SuperwhisperServe,
@@ -49,13 +49,7 @@ from .hass import (
     wait_entries_loaded,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not HASS_BIN.exists(),
-        reason=f"{HASS_BIN} missing: bash scripts/setup_hass.sh builds the Home Assistant venv",
-    ),
-]
+pytestmark = REQUIRES_HASS
 
 SENTENCE = "Allume la télévision du salon"
 """A French home command that espeak-ng says clearly enough for whisper-base. Chosen by

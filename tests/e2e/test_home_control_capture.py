@@ -36,9 +36,9 @@ import pytest
 from .capture_hass_ollama import AFTER_TOOL, FIRST
 from .hass import (
     DEFAULT_AGENT,
-    HASS_BIN,
     HOME,
     HOME_AREAS,
+    REQUIRES_HASS,
     HassInstance,
     HassWebSocket,
     OllamaAgent,
@@ -54,13 +54,7 @@ from .hass import (
 )
 from .ollama_stub import MODEL, ChatReply, OllamaStub, ollama_stub
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not HASS_BIN.exists(),
-        reason=f"{HASS_BIN} missing: bash scripts/setup_hass.sh builds the Home Assistant venv",
-    ),
-]
+pytestmark = REQUIRES_HASS
 
 
 @dataclass

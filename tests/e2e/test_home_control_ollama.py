@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 
 from .hass import (
-    HASS_BIN,
     LOOPBACK,
     REPO,
+    REQUIRES_HASS,
     SUPERWHISPER_BIN,
     HassWebSocket,
     ManagedProcess,
@@ -38,10 +38,7 @@ from .hass import (
     wait_http,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not HASS_BIN.exists(), reason=f"{HASS_BIN} missing: bash scripts/setup_hass.sh"),
-]
+pytestmark = REQUIRES_HASS
 
 
 def handle_server(log_dir: Path) -> tuple[ManagedProcess, int, int]:
