@@ -8,7 +8,13 @@ Each command goes to the engine exactly as the Ollama API hands it over
 (grammar, instructions and example turns included), greedy. Scored per
 command: the tool, the entity (or area) and the value must all be right.
 Malformed: output that is neither text nor a call Home Assistant can execute
-(:func:`validate_call`). Writes ``home-control-<date>.json`` in bench/results.
+(:func:`validate_call`). The home is bilingual, as a French household that
+gave its devices English aliases is (Home Assistant lists aliases after the
+name). Three paths are scored: Home Assistant's own sentence templates alone
+(``local-intents``, :mod:`wyoming_superwhisper.handle.intents`), each model
+alone, and what the server does (``handle.local_intents``: templates first,
+the model for what they do not match). Writes ``home-control-<date>.json`` in
+bench/results.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 
 from wyoming_superwhisper.config import load_settings
 from wyoming_superwhisper.handle.engines import ChatRequest, LlamaCppEngine
-from wyoming_superwhisper.handle.home import home_of
+from wyoming_superwhisper.handle.home import Home, home_of
+from wyoming_superwhisper.handle.intents import IntentRecognizer, fast_answer
 from wyoming_superwhisper.handle.ollama import chat_messages
 from wyoming_superwhisper.handle.toolcalls import validate_call
 from wyoming_superwhisper.runtime.registry import ModelRegistry
@@ -96,7 +103,35 @@ COMMANDS: list[tuple[str, str, str | None, dict[str, Any]]] = [
 ]
 
 
-def right(tool: str | None, expected: dict[str, Any], calls: list[dict[str, Any]]) -> bool:
+ALIASES = {
+    "Lumière de la cuisine": "Kitchen light",
+    "Lumière du salon": "Living room light",
+    "Lampe du salon": "Living room lamp",
+    "Lumière de la chambre": "Bedroom light",
+    "Lampe de chevet": "Bedside lamp",
+    "Lumière du bureau": "Office light",
+    "Prise du bureau": "Office plug",
+    "Cafetière": "Coffee maker",
+    "Ventilateur de la chambre": "Bedroom fan",
+    "Volet du salon": "Living room shutter",
+    "Chauffage": "Heating",
+    "Température du salon": "Living room temperature",
+}
+"""English aliases of the French home's entities."""
+
+
+def bilingual(system: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Home Assistant's system prompt with each entity's English alias after its name."""
+    out = []
+    for message in system:
+        content = str(message.get("content") or "")
+        for name, alias in ALIASES.items():
+            content = content.replace(f"- names: {name}\n", f"- names: {name}, {alias}\n")
+        out.append({**message, "content": content})
+    return out
+
+
+def right(tool: str | None, expected: dict[str, Any], calls: list[dict[str, Any]], home: Home) -> bool:
     if tool is None:
         return not calls
     if len(calls) != 1 or calls[0]["name"] != tool:
@@ -104,7 +139,10 @@ def right(tool: str | None, expected: dict[str, Any], calls: list[dict[str, Any]
     got = calls[0]["arguments"]
     for key, value in expected.items():
         seen = got.get(key)
-        if isinstance(value, str) and isinstance(seen, str):
+        if key == "name" and isinstance(seen, str):  # any name or alias of the right entity
+            if home.entity(seen) is None or home.entity(seen) != home.entity(value):
+                return False
+        elif isinstance(value, str) and isinstance(seen, str):
             if seen.casefold() != value.casefold():
                 return False
         elif isinstance(value, (int, float)) and isinstance(seen, (int, float)):
@@ -115,19 +153,53 @@ def right(tool: str | None, expected: dict[str, Any], calls: list[dict[str, Any]
     return True
 
 
-async def run_model(name: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
+def _system() -> tuple[list[dict[str, Any]], list[Any]]:
     body = json.loads(FIXTURE.read_text())["request"]["body"]
-    system = chat_messages(body["messages"])[:-1]
+    return bilingual(chat_messages(body["messages"])[:-1]), body["tools"]
+
+
+def _score(
+    language: str, command: str, tool: str | None, expected: dict[str, Any], home: Home,
+    calls: list[dict[str, Any]], text: str, error: str | None, seconds: float, answered: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    problems = [validate_call(c["name"], c["arguments"], home) for c in calls]
+    malformed = answered and (error is not None or any(problems) or (not calls and not text.strip()))
+    return {
+        "language": language, "command": command, "expected_tool": tool, "expected": expected,
+        "calls": calls, "text": text.strip()[:200], "error": error, "answered": answered,
+        "right": answered and (not malformed) and right(tool, expected, calls, home),
+        "malformed": malformed, "seconds": round(seconds, 4),
+    }  # fmt: skip
+
+
+def run_local() -> list[dict[str, Any]]:
+    """Home Assistant's sentence templates alone: a call, or nothing (the model's turn)."""
+    system, tools = _system()
+    recognizer = IntentRecognizer()
+    rows = []
+    for language, command, tool, expected in COMMANDS:
+        messages = [*system, {"role": "user", "content": command}]
+        home = home_of(messages, tools)
+        started = time.perf_counter()
+        answer = fast_answer(recognizer, messages, language, home)
+        seconds = time.perf_counter() - started
+        calls = [dict(answer.tool_call)] if answer is not None and answer.tool_call else []
+        rows.append(
+            _score(language, command, tool, expected, home, calls, "", None, seconds, answered=bool(calls))
+        )
+    return rows
+
+
+async def run_model(name: str, path: Path, options: dict[str, Any]) -> list[dict[str, Any]]:
+    system, tools = _system()
     engine = LlamaCppEngine(path, ref=name, options=options)
     await engine.load()
     rows = []
     try:
         for language, command, tool, expected in COMMANDS:
             messages = [*system, {"role": "user", "content": command}]
-            home = home_of(messages, body["tools"])
-            request = ChatRequest(
-                messages, max_tokens=128, temperature=0.0, tools=body["tools"], language=language
-            )
+            home = home_of(messages, tools)
+            request = ChatRequest(messages, max_tokens=128, temperature=0.0, tools=tools, language=language)
             started = time.perf_counter()
             text, raw_calls, error = "", [], None
             try:
@@ -142,32 +214,40 @@ async def run_model(name: str, path: Path, options: dict[str, Any]) -> dict[str,
                 {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")}
                 for c in raw_calls
             ]
-            problems = [validate_call(c["name"], c["arguments"], home) for c in calls]
-            malformed = error is not None or any(problems) or (not calls and not text.strip())
-            rows.append(
-                {
-                    "language": language, "command": command, "expected_tool": tool, "expected": expected,
-                    "calls": calls, "text": text.strip()[:200], "error": error,
-                    "right": (not malformed) and right(tool, expected, calls), "malformed": malformed,
-                    "seconds": round(seconds, 3),
-                }
-            )  # fmt: skip
+            rows.append(_score(language, command, tool, expected, home, calls, text, error, seconds))
     finally:
         await engine.close()
+    return rows
 
+
+def local_first(local: list[dict[str, Any]], model: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the server answers: the template's call where one matched, else the model's answer."""
+    rows = []
+    for fast, slow in zip(local, model, strict=True):
+        if fast["answered"]:
+            rows.append({**fast, "by": "local-intents"})
+        else:
+            rows.append({**slow, "seconds": round(fast["seconds"] + slow["seconds"], 4), "by": "model"})
+    return rows
+
+
+def summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     def share(key: str, subset: list[dict[str, Any]]) -> float:
         return round(sum(r[key] for r in subset) / max(1, len(subset)), 3)
 
     french = [r for r in rows if r["language"] == "fr"]
     english = [r for r in rows if r["language"] == "en"]
+    answered = [r for r in rows if r["answered"]]
     return {
-        "model": name,
+        "path": name,
         "commands": len(rows),
+        "answered": len(answered),
         "right": share("right", rows),
         "right_fr": share("right", french),
         "right_en": share("right", english),
+        "right_when_answered": share("right", answered),
         "malformed": share("malformed", rows),
-        "seconds_p50": round(statistics.median(r["seconds"] for r in rows), 3),
+        "seconds_p50": round(statistics.median(r["seconds"] for r in answered), 4) if answered else None,
         "rows": rows,
     }
 
@@ -185,22 +265,29 @@ async def main() -> None:
     for item in args.gguf:
         name, _, path = item.partition("=")
         models.append((name, Path(path), {"n_ctx": 4096}))
-    results = [await run_model(name, path, options) for name, path, options in models]
+    local = run_local()
+    results = [summary("local-intents", local)]
+    for name, path, options in models:
+        model = await run_model(name, path, options)
+        results.append(summary(name, model))
+        results.append(summary(f"local-intents → {name} (the server)", local_first(local, model)))
     out = {
         "bench": "home-control",
         "date": dt.date.today().isoformat(),
-        "home": str(FIXTURE.relative_to(ROOT)),
-        "path": "engine with grammar (the Ollama API's level), greedy, no intent fast path",
+        "home": str(FIXTURE.relative_to(ROOT)) + " with English aliases (bench.home_control_bench.ALIASES)",
+        "path": "templates (handle.local_intents); the engine with grammar (the Ollama API's level), greedy",
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"home-control-{out['date']}.json"
     target.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     for result in results:
+        p50 = result["seconds_p50"]
         print(
-            f"{result['model']}: right {result['right']:.0%}"
+            f"{result['path']}: answered {result['answered']}/{result['commands']},"
+            f" right {result['right']:.0%}"
             f" (fr {result['right_fr']:.0%}, en {result['right_en']:.0%}),"
-            f" malformed {result['malformed']:.0%}, p50 {result['seconds_p50']} s"
+            f" malformed {result['malformed']:.0%}, p50 {p50} s"
         )
     print(target)
 

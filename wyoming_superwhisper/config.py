@@ -222,6 +222,11 @@ class HandleSettings:
     """Bearer token required by the ``/v1`` API; empty: no auth."""
     api_max_tokens: int = 1024
     """Largest ``max_tokens`` a ``/v1`` client may ask for (Wyoming requests use ``max_tokens``)."""
+    local_intents: bool = True
+    """A request with Home Assistant's tools whose last sentence one of Home Assistant's own
+    sentence templates matches (``home-assistant-intents``) is answered with that call, and its
+    result worded, without a model, as Home Assistant's "prefer handling commands locally";
+    false: the model answers everything."""
 
 
 @dataclass(frozen=True)

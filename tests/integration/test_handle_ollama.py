@@ -18,6 +18,7 @@ import aiohttp
 import ollama
 import pytest
 import pytest_asyncio
+from prometheus_client import generate_latest
 
 from wyoming_superwhisper.handle.home import home_of
 from wyoming_superwhisper.handle.ollama import chat_messages
@@ -29,6 +30,8 @@ from ..conftest import LOOPBACK, make_context, make_settings, serving
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+RUNNING: dict[str, HandleService] = {}
+"""The module's server, for its metrics registry."""
 HASS_REQUEST = json.loads((DATA / "hass-2025.4.4-ollama-chat.json").read_text())["request"]["body"]
 
 
@@ -50,6 +53,7 @@ async def base_url() -> AsyncIterator[str]:
         }
     )
     service = HandleService(make_context(settings))
+    RUNNING["handle"] = service
     async with serving(service):
         yield f"http://{LOOPBACK}:{port}"
 
@@ -160,3 +164,50 @@ async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_
             assert response.status == 200, await response.text()
             body = await response.json()
             assert body["done"] and body["response"].strip()
+
+
+async def _chat(client: ollama.AsyncClient, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    stream = await client.chat(
+        model="superwhisper:latest", messages=messages, tools=HASS_REQUEST["tools"], stream=True,
+        options={"temperature": 0.0},
+    )  # fmt: skip
+    said, calls = "", []
+    async for part in stream:
+        said += part.message.content or ""
+        calls += part.message.tool_calls or []
+    return said, calls
+
+
+async def test_a_home_command_is_home_assistants_call_and_its_result_is_worded(
+    client: ollama.AsyncClient, base_url: str
+) -> None:
+    """Home Assistant's templates answer before the 135M model: the right call, once, then the words."""
+    system = HASS_REQUEST["messages"][:-1]
+    asked = [*system, {"role": "user", "content": "Allume la lumière de la cuisine"}]
+    said, calls = await _chat(client, asked)
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [
+        ("HassTurnOn", {"name": "Lumière de la cuisine"})
+    ], "exactly one call (Home Assistant runs every call of every streamed line)"
+    done = {"speech": {}, "response_type": "action_done",
+            "data": {"targets": [], "success": [{"name": "Lumière de la cuisine", "type": "entity",
+                                                 "id": "light.lumiere_cuisine"}], "failed": []}}  # fmt: skip
+    call = {"function": {"name": "HassTurnOn", "arguments": {"name": "Lumière de la cuisine"}}}
+    history = [
+        *asked,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": json.dumps(done)},
+    ]
+    said, calls = await _chat(client, history)
+    assert said == "J'ai allumé la lumière de la cuisine." and not calls
+    history.append({"role": "assistant", "content": said})
+    said, calls = await _chat(client, [*history, {"role": "user", "content": "Éteins-la"}])
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [
+        ("HassTurnOff", {"name": "Lumière de la cuisine"})
+    ]
+    plain = await client.chat(
+        model="superwhisper:latest", messages=asked, tools=HASS_REQUEST["tools"], stream=False
+    )
+    assert [c.function.name for c in plain.message.tool_calls or []] == ["HassTurnOn"]
+    metrics_text = generate_latest(RUNNING["handle"].context.metrics.registry).decode()
+    assert 'superwhisper_handle_local_intents_total{reason="intent"}' in metrics_text
+    assert 'superwhisper_handle_local_intents_total{reason="follow_up"} 1.0' in metrics_text

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import threading
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -322,19 +321,12 @@ class LlamaCppEngine(ChatEngine):
 
 def _call_delta(text: str, finish: str) -> ChatDelta:
     """The grammar-constrained JSON the model wrote → one OpenAI-style tool-call delta."""
-    from .toolcalls import parse_call
+    from .toolcalls import openai_tool_call, parse_call
 
     call = parse_call(text)  # ToolError when cut off by max_tokens: the level fails, the next answers
     if call is None:
         return ChatDelta(text, finish)
-    arguments = json.dumps(call["arguments"], ensure_ascii=False)
-    tool_call = {
-        "index": 0,
-        "id": f"call_{uuid.uuid4().hex[:12]}",
-        "type": "function",
-        "function": {"name": call["name"], "arguments": arguments},
-    }
-    return ChatDelta("", "tool_calls", [tool_call])
+    return ChatDelta("", "tool_calls", [openai_tool_call(call["name"], call["arguments"])])
 
 
 def _set_done(future: asyncio.Future[None]) -> None:

@@ -332,7 +332,7 @@ class OllamaRoutes:
                 await response.write_eof()
                 return response
             metrics.count(service.name, "fallback" if answer.fell_back else "ok")
-            final = _final(model, answer, started, chat=chat)
+            final = _final(model, answer, started, chat=chat, with_calls=response is None)
             if response is None:
                 message_text = answer.text
                 if chat:
@@ -402,13 +402,15 @@ def ollama_tool_calls(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def _final(model: str, answer: Any, started_ns: int, *, chat: bool) -> dict[str, Any]:
+def _final(model: str, answer: Any, started_ns: int, *, chat: bool, with_calls: bool) -> dict[str, Any]:
+    """The ``done`` line. ``with_calls``: only when not streaming — in a stream the calls went
+    out in their own line, and Home Assistant runs every call of every line it reads."""
     total = time.monotonic_ns() - started_ns
     done_reason = "length" if answer.finish_reason == "length" else "stop"
     final: dict[str, Any] = {"model": model, "created_at": _now()}
     if chat:
         final["message"] = {"role": "assistant", "content": ""}
-        if answer.tool_calls:
+        if answer.tool_calls and with_calls:
             final["message"]["tool_calls"] = ollama_tool_calls(answer.tool_calls)
     else:
         final["response"] = ""

@@ -51,7 +51,8 @@ from ..runtime.server import Connection, EventHandler, ServiceContext, WyomingSe
 from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
-from .home import home_of
+from .home import Home, home_of
+from .intents import FastAnswer, IntentRecognizer, fast_answer
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
@@ -63,7 +64,7 @@ from .prompts import (
     system_prompt,
     wrong_language,
 )
-from .toolcalls import after_tool_result, tool_grammar, validate_call
+from .toolcalls import after_tool_result, openai_tool_call, tool_grammar, validate_call
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class HandleService(WyomingService):
         self._prompts: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self.in_flight = InFlight(self.settings.queue_size, context.metrics.queue_depth.labels(self.name))
         self._api: Any = None
+        self.intents = IntentRecognizer()
+        """Home Assistant's own sentence templates, matched before any model (``handle.local_intents``)."""
 
     # -- WyomingService ------------------------------------------------------------
 
@@ -364,6 +367,10 @@ class HandleService(WyomingService):
         Raises :class:`ToolError` for ``tools`` that cannot be used, before any model runs.
         """
         home = home_of(messages, tools) if tools else None
+        if home is not None and home.tools and self.settings.local_intents:
+            local = await self._local_answer(messages, language, home, on_chunk)
+            if local is not None:
+                return local
         grammar = None
         if home is not None and home.tools:
             # Built once per request, in a thread (thousands of names take milliseconds of pure
@@ -426,6 +433,42 @@ class HandleService(WyomingService):
             first_chunk_s=answer.first_chunk_s,
             tokens=answer.tokens,
             tokens_per_second=answer.tokens_per_second,
+        )
+
+    async def _local_answer(
+        self, messages: Sequence[Mapping[str, Any]], language: str, home: Home, on_chunk: ChunkSink
+    ) -> Answer | None:
+        """The answer of Home Assistant's sentence templates, or None for the chain to answer.
+
+        Home Assistant runs the call and hands its result back; the words after it
+        come from the same templates. No model runs, so nothing can name a wrong
+        entity, and a command is answered in milliseconds even on a busy CPU.
+        """
+        started = asyncio.get_running_loop().time()
+        try:
+            fast: FastAnswer | None = await asyncio.to_thread(
+                fast_answer, self.intents, messages, language, home
+            )
+        except Exception:  # the templates failing must never cost the user an answer
+            _LOGGER.exception("handle: local intents failed; the model answers")
+            return None
+        if fast is None or not (fast.text or fast.tool_call):
+            return None
+        self.context.metrics.local_intents.labels(fast.reason).inc()
+        _LOGGER.info("handle: answered from Home Assistant's templates (%s)", fast.reason)
+        calls: tuple[dict[str, Any], ...] = ()
+        if fast.tool_call is not None:
+            calls = (openai_tool_call(str(fast.tool_call["name"]), fast.tool_call.get("arguments") or {}),)
+        elif fast.text:
+            await on_chunk(fast.text)
+        return Answer(
+            text=fast.text,
+            level=0,
+            engine="local-intents",
+            model="home-assistant-intents",
+            finish_reason="tool_calls" if calls else "stop",
+            tool_calls=calls,
+            first_chunk_s=asyncio.get_running_loop().time() - started,
         )
 
     def route(

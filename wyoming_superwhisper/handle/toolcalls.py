@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -262,6 +263,16 @@ def _call_json(call: Mapping[str, Any]) -> str:
         except ValueError:
             arguments = {}
     return json.dumps({"name": function.get("name"), "arguments": arguments or {}}, ensure_ascii=False)
+
+
+def openai_tool_call(name: str, arguments: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
+    """One call in OpenAI's shape (arguments a JSON string), as every front door passes it on."""
+    return {
+        "index": index,
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(dict(arguments), ensure_ascii=False)},
+    }
 
 
 def parse_call(text: str) -> dict[str, Any] | None:

@@ -111,6 +111,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.local_intents = Counter(
+            "superwhisper_handle_local_intents_total",
+            "Home requests answered from Home Assistant's sentence templates without a model, by "
+            "reason (intent: a matched command; follow_up: a pronoun; confirmation, state: the words "
+            "after a tool result)",
+            ["reason"],
+            registry=r,
+        )
         self.tokens_per_second = Histogram(
             "superwhisper_handle_tokens_per_second",
             "LLM generation speed of one answer, in tokens per second",

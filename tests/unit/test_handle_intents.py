@@ -1,0 +1,245 @@
+"""Home commands answered from Home Assistant's own sentence templates, on its real request.
+
+The home and the tools are those Home Assistant 2025.4.4's Ollama integration
+really sent (tests/data); the templates are ``home-assistant-intents`` matched by
+``hassil``, as installed. What a match must give is the call Home Assistant's own
+agent makes for the sentence: right tool, right entity, right value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wyoming_superwhisper.handle.home import Home, home_of
+from wyoming_superwhisper.handle.intents import (
+    IntentRecognizer,
+    confirmation,
+    fast_answer,
+    follow_up_call,
+    with_article,
+)
+from wyoming_superwhisper.handle.ollama import chat_messages
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def recorded(name: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads((DATA / name).read_text())["request"]["body"]
+    return body
+
+
+@pytest.fixture(scope="module")
+def request_body() -> dict[str, Any]:
+    return recorded("hass-2025.4.4-ollama-chat.json")
+
+
+@pytest.fixture(scope="module")
+def system(request_body: dict[str, Any]) -> dict[str, Any]:
+    return dict(chat_messages(request_body["messages"])[0])
+
+
+@pytest.fixture(scope="module")
+def home(request_body: dict[str, Any], system: dict[str, Any]) -> Home:
+    return home_of([system], request_body["tools"])
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> IntentRecognizer:
+    return IntentRecognizer()
+
+
+def ask(
+    recognizer: IntentRecognizer, system: dict[str, Any], home: Home, text: str, language: str = "fr"
+) -> Any:
+    answer = fast_answer(recognizer, [system, {"role": "user", "content": text}], language, home)
+    return None if answer is None else answer.tool_call
+
+
+@pytest.mark.parametrize(
+    ("text", "tool", "arguments"),
+    [
+        ("Allume la lumière de la cuisine", "HassTurnOn", {"name": "Lumière de la cuisine"}),
+        ("allume la lumière de la cuisine.", "HassTurnOn", {"name": "Lumière de la cuisine"}),
+        ("Éteins la lumière du salon", "HassTurnOff", {"name": "Lumière du salon"}),
+        ("Éteins la lampe de chevet", "HassTurnOff", {"name": "Lampe de chevet"}),
+        ("Allume la cafetière", "HassTurnOn", {"name": "Cafetière"}),
+        ("Mets le chauffage à 21 degrés", "HassClimateSetTemperature", {"temperature": 21}),
+        (
+            "Règle la lumière de la chambre à 40 %",
+            "HassLightSet",
+            {"name": "Lumière de la chambre", "brightness": 40},
+        ),
+        ("Ouvre le volet du salon", "HassTurnOn", {"name": "Volet du salon"}),
+        ("Ferme le volet du salon", "HassTurnOff", {"name": "Volet du salon"}),
+    ],
+)
+def test_a_french_command_becomes_home_assistants_call(
+    recognizer: IntentRecognizer,
+    system: dict[str, Any],
+    home: Home,
+    text: str,
+    tool: str,
+    arguments: dict[str, Any],
+) -> None:
+    call = ask(recognizer, system, home, text)
+    assert call is not None, text
+    assert call["name"] == tool
+    for key, value in arguments.items():
+        assert call["arguments"].get(key) == value, (text, call)
+
+
+def test_a_name_the_home_does_not_have_is_left_to_the_model(
+    recognizer: IntentRecognizer, system: dict[str, Any], home: Home
+) -> None:
+    assert ask(recognizer, system, home, "Allume la lumière du garage") is None
+    assert ask(recognizer, system, home, "Raconte-moi une blague sur les chats") is None
+    assert ask(recognizer, system, home, "") is None
+
+
+def test_without_home_assistants_tools_nothing_is_matched(
+    recognizer: IntentRecognizer, system: dict[str, Any]
+) -> None:
+    home = home_of([system], None)
+    answer = fast_answer(recognizer, [system, {"role": "user", "content": "Allume la cafetière"}], "fr", home)
+    assert answer is None
+
+
+def _after_call(
+    system: dict[str, Any], text: str, name: str, arguments: dict[str, Any]
+) -> list[dict[str, Any]]:
+    return [
+        system,
+        {"role": "user", "content": text},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": name, "arguments": arguments}}],
+        },
+        {
+            "role": "tool",
+            "content": json.dumps({"response_type": "action_done", "data": {"success": [], "failed": []}}),
+        },
+        {"role": "assistant", "content": "J'ai allumé la lumière de la cuisine."},
+    ]
+
+
+def test_a_pronoun_reuses_the_last_target(
+    recognizer: IntentRecognizer, system: dict[str, Any], home: Home
+) -> None:
+    history = _after_call(
+        system, "Allume la lumière de la cuisine", "HassTurnOn", {"name": "Lumière de la cuisine"}
+    )
+    for text in ("Éteins-la", "éteins-la.", "Éteins-la s'il te plaît"):
+        answer = fast_answer(recognizer, [*history, {"role": "user", "content": text}], "fr", home)
+        assert answer is not None and answer.tool_call == {
+            "name": "HassTurnOff",
+            "arguments": {"name": "Lumière de la cuisine"},
+        }, text
+        assert answer.reason == "follow_up"
+    english = fast_answer(recognizer, [*history, {"role": "user", "content": "Turn it off"}], "en", home)
+    assert english is not None and english.tool_call is not None
+    assert english.tool_call["name"] == "HassTurnOff"
+
+
+def test_a_full_command_is_no_pronoun(system: dict[str, Any], home: Home) -> None:
+    """ "Allume la lumière du garage" (no such light) must not switch the last target again."""
+    history = _after_call(
+        system, "Éteins la lumière de la cuisine", "HassTurnOff", {"name": "Lumière de la cuisine"}
+    )
+    assert follow_up_call("Allume la lumière du garage", "fr", history, home) is None
+    assert follow_up_call("Éteins la télé", "fr", history, home) is None
+    assert follow_up_call("Allume-la", "fr", history, home) == {
+        "name": "HassTurnOn",
+        "arguments": {"name": "Lumière de la cuisine"},
+    }
+    assert follow_up_call("Éteins-la", "fr", [system], home) is None  # nothing was said before
+
+
+def test_home_assistants_result_is_worded_in_the_users_language(recognizer: IntentRecognizer) -> None:
+    body = recorded("hass-2025.4.4-ollama-chat-after-tool.json")
+    messages = chat_messages(body["messages"])
+    home = home_of(messages, body["tools"])
+    answer = fast_answer(recognizer, messages, "fr", home)
+    assert answer is not None and answer.reason == "confirmation"
+    assert answer.text == "J'ai allumé la lumière de la cuisine."
+
+
+def test_confirmations_name_what_failed_and_keep_home_assistants_own_speech(home: Home) -> None:
+    call = {"name": "HassTurnOn", "arguments": {"name": "Volet du salon"}}
+    done = {"response_type": "action_done", "data": {"success": [{"name": "Volet du salon"}], "failed": []}}
+    assert confirmation(call, done, "fr", home) == "J'ai ouvert le volet du salon."
+    assert confirmation(call, done, "en", home) == "Opened Volet du salon."
+    failed = {"response_type": "action_done", "data": {"success": [], "failed": [{"name": "Volet du salon"}]}}
+    assert confirmation(call, failed, "fr", home) == "Je n'ai pas pu agir sur le volet du salon."
+    error = {"error": "HomeAssistantError", "error_text": "Service indisponible"}
+    assert confirmation(call, error, "fr", home) == "Je n'ai pas pu le faire : Service indisponible."
+    spoken = {"response_type": "action_done", "speech": {"plain": {"speech": "Volet ouvert"}}, "data": {}}
+    assert confirmation(call, spoken, "fr", home) == "Volet ouvert"
+    heat = {"name": "HassClimateSetTemperature", "arguments": {"temperature": 21.5}}
+    done_heat = {"response_type": "action_done", "data": {"success": [{"name": "Chauffage"}], "failed": []}}
+    assert confirmation(heat, done_heat, "fr", home) == "J'ai réglé le chauffage à 21,5 degrés."
+
+
+def test_articles_for_french_names() -> None:
+    assert with_article("Lumière de la cuisine", "fr") == "la lumière de la cuisine"
+    assert with_article("Chauffage", "fr") == "le chauffage"
+    assert with_article("Éclairage du jardin", "fr") == "l'éclairage du jardin"
+    assert with_article("Sonos", "fr") == "Sonos"
+    assert with_article("Kitchen light", "en") == "Kitchen light"
+
+
+def _live_context(state: str) -> dict[str, Any]:
+    overview = (
+        "Live Context: An overview of the areas and the devices in this smart home:\n"
+        f"- names: Lumière du salon\n  domain: light\n  state: '{state}'\n  areas: Salon\n"
+        "- names: Température du salon\n  domain: sensor\n  state: '19.5'\n"
+        "  attributes:\n    unit_of_measurement: °C\n  areas: Salon\n"
+    )
+    return {"role": "tool", "content": json.dumps({"success": True, "result": overview})}
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [("on", "Oui, la lumière du salon est allumée."), ("off", "Non, la lumière du salon est éteinte.")],
+)
+def test_a_state_question_is_read_from_the_live_context(
+    recognizer: IntentRecognizer, system: dict[str, Any], home: Home, state: str, expected: str
+) -> None:
+    question = "La lumière du salon est-elle allumée ?"
+    asked = fast_answer(recognizer, [system, {"role": "user", "content": question}], "fr", home)
+    assert asked is not None and asked.tool_call == {"name": "GetLiveContext", "arguments": {}}
+    history = [
+        system,
+        {"role": "user", "content": question},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "GetLiveContext", "arguments": {}}}],
+        },
+        _live_context(state),
+    ]
+    answer = fast_answer(recognizer, history, "fr", home)
+    assert answer is not None and answer.reason == "state"
+    assert answer.text == expected
+
+
+def test_english_aliases_are_matched_and_said_back(
+    recognizer: IntentRecognizer, request_body: dict[str, Any]
+) -> None:
+    """A bilingual home: the English alias Home Assistant lists after the French name."""
+    system = dict(chat_messages(request_body["messages"])[0])
+    system["content"] = system["content"].replace(
+        "- names: Lumière de la cuisine\n", "- names: Lumière de la cuisine, Kitchen light\n"
+    )
+    home = home_of([system], request_body["tools"])
+    call = ask(recognizer, system, home, "Turn on the kitchen light", "en")
+    assert call == {"name": "HassTurnOn", "arguments": {"name": "Kitchen light"}}
+    done = {
+        "response_type": "action_done",
+        "data": {"success": [{"name": "Lumière de la cuisine"}], "failed": []},
+    }
+    assert confirmation(call, done, "en", home) == "Turned on Kitchen light."
