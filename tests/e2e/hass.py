@@ -170,7 +170,7 @@ class SuperwhisperServe:
 
 
 @contextlib.contextmanager
-def superwhisper_serve(log_dir: Path) -> Iterator[SuperwhisperServe]:
+def superwhisper_serve(log_dir: Path, extra: Sequence[str] = ()) -> Iterator[SuperwhisperServe]:
     """``superwhisper serve``: the three services on loopback ports, the ops HTTP too.
 
     Yields as soon as the process is started (``wait_ready()`` waits), so that Home
@@ -191,6 +191,7 @@ def superwhisper_serve(log_dir: Path) -> Iterator[SuperwhisperServe]:
         f"handle.uri=tcp://{LOOPBACK}:{ports.handle}",
         "--set",
         f"tts.uri=tcp://{LOOPBACK}:{ports.tts}",
+        *extra,
     ]
     process = start_process("superwhisper serve", argv, log_dir / "superwhisper.log", cwd=REPO)
     try:
@@ -234,17 +235,20 @@ async def transcribe_direct(host: str, port: int, pcm: bytes, language: str, rat
                 raise HassError(f"our ASR answered an error: {Error.from_event(event).text}")
 
 
-async def synthesize_direct(host: str, port: int, text: str, rate: int = 16000) -> bytes:
-    """Our TTS's audio for ``text`` (no language, as Home Assistant asks), as 16-bit mono
-    PCM at ``rate``: speech in a natural voice to feed a pipeline."""
-    from wyoming.tts import Synthesize
+async def synthesize_direct(
+    host: str, port: int, text: str, rate: int = 16000, language: str | None = None
+) -> bytes:
+    """Our TTS's audio for ``text`` (no language, as Home Assistant asks, unless given), as
+    16-bit mono PCM at ``rate``: speech in a natural voice to feed a pipeline."""
+    from wyoming.tts import Synthesize, SynthesizeVoice
 
     from wyoming_superwhisper.tts.engines import Audio
 
     parts: list[bytes] = []
     native = 0
     async with AsyncTcpClient(host, port) as client:
-        await client.write_event(Synthesize(text=text).event())
+        voice = SynthesizeVoice(language=language) if language else None
+        await client.write_event(Synthesize(text=text, voice=voice).event())
         while True:
             event = await asyncio.wait_for(client.read_event(), timeout=60)
             if event is None:
@@ -472,6 +476,29 @@ class HassWebSocket:
                 raise HassError(f"{message_type} failed: {message.get('error')}")
             return message.get("result")
 
+    @contextlib.asynccontextmanager
+    async def state_changes(self) -> Any:
+        """Every ``state_changed`` event while inside, as ``(entity_id, new state, monotonic time)``:
+        when the home really changed, for a latency measured from the end of speech."""
+        seen: list[tuple[str, dict[str, Any], float]] = []
+        msg_id = self._id()
+        await self._ws.send_json({"id": msg_id, "type": "subscribe_events", "event_type": "state_changed"})
+
+        async def read() -> None:
+            while True:
+                message = await self._ws.receive_json()
+                if message.get("id") == msg_id and message.get("type") == "event":
+                    data = message["event"]["data"]
+                    seen.append((data["entity_id"], data.get("new_state") or {}, time.monotonic()))
+
+        reader = asyncio.create_task(read())
+        try:
+            yield seen
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
     async def run_pipeline(
         self,
         pipeline_id: str,
@@ -480,6 +507,7 @@ class HassWebSocket:
         sample_rate: int = 16000,
         frame_bytes: int = 640,
         limit_s: float = 60.0,
+        conversation_id: str | None = None,
     ) -> PipelineRunResult:
         """``assist_pipeline/run`` from stt to tts, the audio streamed as binary frames.
 
@@ -487,17 +515,18 @@ class HassWebSocket:
         (16-bit mono); the lone handler byte ends the audio, as the frontend does.
         """
         msg_id = self._id()
-        await self._ws.send_json(
-            {
-                "id": msg_id,
-                "type": "assist_pipeline/run",
-                "pipeline": pipeline_id,
-                "start_stage": "stt",
-                "end_stage": "tts",
-                "input": {"sample_rate": sample_rate},
-                "timeout": limit_s,
-            }
-        )
+        request: dict[str, Any] = {
+            "id": msg_id,
+            "type": "assist_pipeline/run",
+            "pipeline": pipeline_id,
+            "start_stage": "stt",
+            "end_stage": "tts",
+            "input": {"sample_rate": sample_rate},
+            "timeout": limit_s,
+        }
+        if conversation_id is not None:  # a follow-up in the same conversation ("Éteins-la")
+            request["conversation_id"] = conversation_id
+        await self._ws.send_json(request)
         events: list[PipelineEvent] = []
         audio_sent_at = 0.0
         deadline = time.monotonic() + limit_s + 10
@@ -632,6 +661,8 @@ class HomeEntity:
     name: str
     area: str
     """The area's name (its id is Home Assistant's slug of it: ``Cuisine`` → ``cuisine``)."""
+    alias: str = ""
+    """Its English alias, given only by ``build_french_home(english_aliases=True)``."""
 
     @property
     def domain(self) -> str:
@@ -647,19 +678,20 @@ class HomeEntity:
 
 
 HOME_AREAS = ("Cuisine", "Salon", "Chambre", "Bureau")
+AREA_ALIASES = {"Cuisine": "Kitchen", "Salon": "Living room", "Chambre": "Bedroom", "Bureau": "Office"}
 HOME: tuple[HomeEntity, ...] = (
-    HomeEntity("light.lumiere_cuisine", "Lumière de la cuisine", "Cuisine"),
-    HomeEntity("light.lumiere_salon", "Lumière du salon", "Salon"),
-    HomeEntity("light.lampe_salon", "Lampe du salon", "Salon"),
-    HomeEntity("light.lumiere_chambre", "Lumière de la chambre", "Chambre"),
-    HomeEntity("light.lampe_chevet", "Lampe de chevet", "Chambre"),
-    HomeEntity("light.lumiere_bureau", "Lumière du bureau", "Bureau"),
-    HomeEntity("switch.prise_bureau", "Prise du bureau", "Bureau"),
-    HomeEntity("switch.cafetiere", "Cafetière", "Cuisine"),
-    HomeEntity("fan.ventilateur_chambre", "Ventilateur de la chambre", "Chambre"),
-    HomeEntity("cover.volet_salon", "Volet du salon", "Salon"),
-    HomeEntity("climate.chauffage", "Chauffage", "Salon"),
-    HomeEntity("sensor.temperature_salon", "Température du salon", "Salon"),
+    HomeEntity("light.lumiere_cuisine", "Lumière de la cuisine", "Cuisine", "Kitchen light"),
+    HomeEntity("light.lumiere_salon", "Lumière du salon", "Salon", "Living room light"),
+    HomeEntity("light.lampe_salon", "Lampe du salon", "Salon", "Living room lamp"),
+    HomeEntity("light.lumiere_chambre", "Lumière de la chambre", "Chambre", "Bedroom light"),
+    HomeEntity("light.lampe_chevet", "Lampe de chevet", "Chambre", "Bedside lamp"),
+    HomeEntity("light.lumiere_bureau", "Lumière du bureau", "Bureau", "Office light"),
+    HomeEntity("switch.prise_bureau", "Prise du bureau", "Bureau", "Office plug"),
+    HomeEntity("switch.cafetiere", "Cafetière", "Cuisine", "Coffee maker"),
+    HomeEntity("fan.ventilateur_chambre", "Ventilateur de la chambre", "Chambre", "Bedroom fan"),
+    HomeEntity("cover.volet_salon", "Volet du salon", "Salon", "Living room shutter"),
+    HomeEntity("climate.chauffage", "Chauffage", "Salon", "Heating"),
+    HomeEntity("sensor.temperature_salon", "Température du salon", "Salon", "Living room temperature"),
 )
 """Twelve entities in four areas, each exposed to Assist. Each is a template entity (or a
 ``generic_thermostat``) backed by ``input_boolean`` / ``input_number`` helpers, which
@@ -781,13 +813,17 @@ def home_yaml() -> str:
     return "\n".join(out) + "\n"
 
 
-async def build_french_home(ws: HassWebSocket, limit_s: float = 30.0) -> dict[str, str]:
+async def build_french_home(
+    ws: HassWebSocket, limit_s: float = 30.0, *, english_aliases: bool = False
+) -> dict[str, str]:
     """Put ``HOME`` in its areas and expose it to Assist, as a user does in the frontend.
 
     Areas by ``config/area_registry/create`` (those missing), each entity's area by
     ``config/entity_registry/update``, exposure by ``homeassistant/expose_entity``
     (assistant ``conversation``). Waits (``limit_s``) for every entity to be in the
-    registry first. Returns area id per area name.
+    registry first. ``english_aliases``: each entity and area also gets its English
+    alias, as a bilingual household names them (Home Assistant lists aliases after the
+    name to the model). Returns area id per area name.
     """
     existing = {a["name"]: a["area_id"] for a in await ws.call("config/area_registry/list")}
     areas: dict[str, str] = {}
@@ -813,7 +849,14 @@ async def build_french_home(ws: HassWebSocket, limit_s: float = 30.0) -> dict[st
         registered = by_unique[entity.unique_id]["entity_id"]
         if registered != entity.entity_id:
             raise HassError(f"{entity.unique_id} registered as {registered}, not {entity.entity_id}")
-        await ws.call("config/entity_registry/update", entity_id=entity.entity_id, area_id=areas[entity.area])
+        aliases = [entity.alias] if english_aliases and entity.alias else []
+        await ws.call(
+            "config/entity_registry/update", entity_id=entity.entity_id, area_id=areas[entity.area],
+            aliases=aliases,
+        )  # fmt: skip
+    if english_aliases:
+        for name, area_id in areas.items():
+            await ws.call("config/area_registry/update", area_id=area_id, aliases=[AREA_ALIASES[name]])
     await ws.call(
         "homeassistant/expose_entity",
         assistants=["conversation"],

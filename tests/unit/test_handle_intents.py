@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from wyoming_superwhisper.handle.home import Home, home_of
+from wyoming_superwhisper.handle.home import Home, exposed_entities, home_of
 from wyoming_superwhisper.handle.intents import (
     IntentRecognizer,
     confirmation,
     fast_answer,
     follow_up_call,
+    state_answer,
     with_article,
 )
 from wyoming_superwhisper.handle.ollama import chat_messages
@@ -192,10 +193,10 @@ def test_articles_for_french_names() -> None:
     assert with_article("Kitchen light", "en") == "Kitchen light"
 
 
-def _live_context(state: str) -> dict[str, Any]:
+def _live_context(state: str, names: str = "Lumière du salon") -> dict[str, Any]:
     overview = (
         "Live Context: An overview of the areas and the devices in this smart home:\n"
-        f"- names: Lumière du salon\n  domain: light\n  state: '{state}'\n  areas: Salon\n"
+        f"- names: {names}\n  domain: light\n  state: '{state}'\n  areas: Salon\n"
         "- names: Température du salon\n  domain: sensor\n  state: '19.5'\n"
         "  attributes:\n    unit_of_measurement: °C\n  areas: Salon\n"
     )
@@ -243,3 +244,11 @@ def test_english_aliases_are_matched_and_said_back(
         "data": {"success": [{"name": "Lumière de la cuisine"}], "failed": []},
     }
     assert confirmation(call, done, "en", home) == "Turned on Kitchen light."
+
+
+def test_an_english_state_question_names_the_entity_as_it_was_asked(recognizer: IntentRecognizer) -> None:
+    live = _live_context("off", names="Lumière du salon, Living room light")
+    entities = exposed_entities([live])
+    match = recognizer.recognize("Is the living room light on?", "en", Home(entities=entities))
+    assert match is not None and match.intent == "HassGetState"
+    assert state_answer(match, entities, "en") == "No, Living room light is off."

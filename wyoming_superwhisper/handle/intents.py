@@ -447,7 +447,8 @@ def state_answer(match: IntentMatch, live: Sequence[ExposedEntity], language: st
         return None
     state = entity.state
     said = _state_word(entity, state, language)
-    subject = with_article(entity.name, language)  # mid-sentence form: "la lumière du salon"
+    said_name = next((n for n in entity.names if n.casefold() == wanted.casefold()), entity.name)
+    subject = with_article(said_name, language)  # mid-sentence form: "la lumière du salon"
     verb = "est" if fr else "is"
     asked = match.slots.get("state")
     if asked is None:
