@@ -76,6 +76,11 @@ def ask(
         ),
         ("Ouvre le volet du salon", "HassTurnOn", {"name": "Volet du salon"}),
         ("Ferme le volet du salon", "HassTurnOff", {"name": "Volet du salon"}),
+        (
+            "Il fait sombre dans le bureau, allume la lumière du bureau",
+            "HassTurnOn",
+            {"name": "Lumière du bureau"},
+        ),
     ],
 )
 def test_a_french_command_becomes_home_assistants_call(
@@ -91,6 +96,23 @@ def test_a_french_command_becomes_home_assistants_call(
     assert call["name"] == tool
     for key, value in arguments.items():
         assert call["arguments"].get(key) == value, (text, call)
+
+
+def test_a_command_after_a_remark_in_english(recognizer: IntentRecognizer, system: dict[str, Any]) -> None:
+    bilingual = {**system, "content": system["content"].replace(
+        "- names: Lumière du bureau\n", "- names: Lumière du bureau, Office light\n"
+    )}  # fmt: skip
+    home = home_of([bilingual], recorded("hass-2025.4.4-ollama-chat.json")["tools"])
+    call = ask(recognizer, bilingual, home, "It's dark in here, so turn on the office light", "en")
+    assert call == {"name": "HassTurnOn", "arguments": {"name": "Office light"}}
+
+
+def test_two_commands_in_one_sentence_are_left_to_the_model(
+    recognizer: IntentRecognizer, system: dict[str, Any], home: Home
+) -> None:
+    assert (
+        ask(recognizer, system, home, "Allume la lumière de la cuisine et éteins la lumière du salon") is None
+    )
 
 
 def test_a_name_the_home_does_not_have_is_left_to_the_model(

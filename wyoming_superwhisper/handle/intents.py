@@ -500,11 +500,9 @@ def fast_answer(
     role = last.get("role")
     if role == "user":
         text = str(last.get("content") or "")
-        match = recognizer.recognize(text, language, home)
-        if match is not None:
-            matched = call_for(match, home)
-            if matched is not None:
-                return FastAnswer(tool_call=matched, reason="intent")
+        matched = _command_in(recognizer, text, language, home)
+        if matched is not None:
+            return FastAnswer(tool_call=matched, reason="intent")
         follow_up = follow_up_call(text, language, messages, home)
         if follow_up is not None:
             return FastAnswer(tool_call=follow_up, reason="follow_up")
@@ -526,6 +524,33 @@ def fast_answer(
         return FastAnswer(text=answer, reason="state") if answer else None
     confirmed = confirmation(call, result, language, home)
     return FastAnswer(text=confirmed, reason="confirmation") if confirmed else None
+
+
+_CLAUSE_BREAK = re.compile(r"\s*[,;:]\s*|\s+(?:et|puis|alors|and|then|so)\s+", re.IGNORECASE)
+_LEADING_LINK = re.compile(r"^(?:et|puis|alors|donc|and|then|so)\s+", re.IGNORECASE)
+
+
+def _command_in(recognizer: IntentRecognizer, text: str, language: str, home: Home) -> dict[str, Any] | None:
+    """The call of the whole sentence; else of its one clause that is a command.
+
+    "Il fait sombre dans le bureau, allume la lumière du bureau": a remark, then the
+    command. Two commands in one sentence ("allume la cuisine et éteins le salon")
+    are left to the model: doing one of them would be worse than asking.
+    """
+    match = recognizer.recognize(text, language, home)
+    if match is not None:
+        return call_for(match, home)
+    clauses = [_LEADING_LINK.sub("", c) for c in _CLAUSE_BREAK.split(text) if c]
+    clauses = [c for c in clauses if len(c.split()) >= 2]
+    if len(clauses) < 2:
+        return None
+    calls = []
+    for clause in clauses:
+        found = recognizer.recognize(clause, language, home)
+        call = call_for(found, home) if found is not None else None
+        if call is not None:
+            calls.append(call)
+    return calls[0] if len(calls) == 1 else None
 
 
 def _answered_call(messages: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
