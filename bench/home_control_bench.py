@@ -261,7 +261,10 @@ async def main() -> None:
     models: list[tuple[str, Path, dict[str, Any]]] = []
     for ref in args.model or ["smollm2-135m"]:
         resolved = registry.resolve(ref)
-        models.append((ref, resolved.entry_path, dict(resolved.spec.options)))
+        options = dict(resolved.spec.options)
+        if options.get("tools") is False:  # as shipped (words only), and what its calls would be
+            models.append((f"{ref} (calls allowed)", resolved.entry_path, {**options, "tools": True}))
+        models.append((ref, resolved.entry_path, options))
     for item in args.gguf:
         name, _, path = item.partition("=")
         models.append((name, Path(path), {"n_ctx": 4096}))

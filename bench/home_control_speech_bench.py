@@ -10,7 +10,7 @@ Each command is spoken by our TTS (Kokoro in French, Piper in English), streamed
 into the pipeline (faster than real time, as a recorded command), and the entity's
 ``state_changed`` event is timed from the last audio frame sent. Scored per
 command: the entity ends in the expected state. ``--model-only`` runs the same
-with ``handle.local_intents: false`` (the chain's model decides every call).
+with ``handle.local_intents: false`` and SmolLM2's calls allowed (the model decides every call).
 Writes ``home-control-speech-<date>[-model-only].json`` in bench/results.
 """
 
@@ -106,14 +106,19 @@ def main() -> None:
         "--model-only", action="store_true", help="handle.local_intents false: the model decides every call"
     )
     args = parser.parse_args()
-    extra = ["--set", "handle.local_intents=false"] if args.model_only else []
+    extra = []
+    if args.model_only:  # the chain's model decides every call, its calls allowed (catalog: words only)
+        chain = "[{model: smollm2-135m, device: cpu, options: {tools: true}}]"
+        extra = ["--set", "handle.local_intents=false", "--set", f"handle.chain={chain}"]
     with tempfile.TemporaryDirectory(prefix="speech-bench-") as root, assist_home(Path(root), extra) as home:
         rows = asyncio.run(run(home, args.rounds))
     out = {
         "bench": "home-control-speech",
         "date": dt.date.today().isoformat(),
         "home_assistant": "2025.4.4, Ollama integration, Assist API",
-        "path": "model only (handle.local_intents: false)" if args.model_only else "server defaults",
+        "path": "model only (handle.local_intents: false, SmolLM2 tools: true)"
+        if args.model_only
+        else "server defaults",
         "summary": summary(rows),
         "rows": rows,
     }

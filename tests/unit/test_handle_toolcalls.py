@@ -167,3 +167,23 @@ def test_basic_auth_carries_the_key_for_clients_without_tokens() -> None:
     assert key_matches("Basic " + base64.b64encode(b"superwhisper:k3y").decode(), "k3y")
     assert not key_matches("Basic " + base64.b64encode(b"superwhisper:nope").decode(), "k3y")
     assert not key_matches("", "k3y")
+
+
+def test_a_level_that_may_not_act_answers_in_words_only(first: dict[str, Any]) -> None:
+    """``tools: false`` (SmolLM2 in the catalog): no call in its grammar, a line saying so."""
+    from wyoming_superwhisper.handle.engines import ChatRequest, LlamaCppEngine
+
+    messages = chat_messages(first["messages"])
+    home = home_of(messages, first["tools"])
+    shared = tool_grammar(home)  # what the service builds for the chain, calls included
+    request = ChatRequest(messages, tools=first["tools"], language="fr", grammar=shared)
+    acting = LlamaCppEngine(Path("unused.gguf"), ref="big")
+    _, grammar = acting._tool_setup(request)
+    assert grammar == shared and "t0-root" in grammar
+    words_only = LlamaCppEngine(Path("unused.gguf"), ref="tiny", options={"tools": False})
+    plain, grammar = words_only._tool_setup(request)
+    assert grammar is not None and "t0-root" not in grammar and grammar.startswith("root ::= text")
+    assert "n'as pas compris quel appareil" in plain[0]["content"]
+    assert not any('"name"' in str(m.get("content")) for m in plain[1:]), "no example calls to copy"
+    english = ChatRequest(messages, tools=first["tools"], language="en", grammar=shared)
+    assert "did not understand which device" in words_only._tool_setup(english)[0][0]["content"]

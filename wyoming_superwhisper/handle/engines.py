@@ -130,8 +130,11 @@ class LlamaCppEngine(ChatEngine):
         self.quality = quality
         self.languages = tuple(languages)
         self.options = dict(options or {})
-        self.supports_tools = True
-        """Tools are always usable: a grammar makes the model choose a valid call or text."""
+        self.supports_tools = bool(self.options.get("tools", True))
+        """May this model call tools? A grammar keeps its calls valid, not right: a model that
+        picks the wrong device more often than the right one (the catalog's ``tools: false``,
+        e.g. SmolLM2-135M, right for 12 % of home commands) answers in words only, and says it
+        did not understand, rather than switching something at random."""
         self.n_ctx = int(self.options.get("n_ctx", 2048))
         self.stats = GenerationStats()
         self._llm: Any = None
@@ -198,14 +201,30 @@ class LlamaCppEngine(ChatEngine):
         if not request.tools:
             return messages, None
         from .home import home_of
-        from .toolcalls import after_tool_result, example_turns, plain_messages, tool_grammar, tools_prompt
+        from .toolcalls import (
+            after_tool_result,
+            example_turns,
+            plain_messages,
+            tool_grammar,
+            tools_prompt,
+            words_only_prompt,
+        )
 
         home = home_of(messages, request.tools)
         if not home.tools:
             return plain_messages(messages), None
-        calls_allowed = not after_tool_result(messages)
-        grammar = request.grammar or tool_grammar(home, allow_calls=calls_allowed)
+        calls_allowed = self.supports_tools and not after_tool_result(messages)
+        if self.supports_tools:
+            grammar = request.grammar or tool_grammar(home, allow_calls=calls_allowed)
+        else:
+            grammar = tool_grammar(home, allow_calls=False)  # text only: cheap, no schema
         plain = plain_messages(messages)
+        if not self.supports_tools and not after_tool_result(messages):
+            refusal = words_only_prompt(request.language)
+            if plain and plain[0]["role"] == "system":
+                plain[0]["content"] = refusal + "\n" + plain[0]["content"]
+            else:
+                plain.insert(0, {"role": "system", "content": refusal})
         if calls_allowed:
             instructions = tools_prompt(home, request.language)
             if plain and plain[0]["role"] == "system":

@@ -185,6 +185,19 @@ def tools_prompt(home: Home, language: str) -> str:
     return "\n".join(lines)
 
 
+def words_only_prompt(language: str) -> str:
+    """For a level that may not act (``tools: false``): answer questions, never claim an action."""
+    if language == "en":
+        return (
+            "You cannot control devices yourself. If asked to control a device, say in one short "
+            "sentence that you did not understand which device, and ask the user to repeat."
+        )
+    return (
+        "Tu ne peux pas commander les appareils toi-même. Si on te demande d'agir sur un appareil, "
+        "dis en une phrase courte que tu n'as pas compris quel appareil, et demande de répéter."
+    )
+
+
 def example_turns(home: Home, language: str) -> list[dict[str, str]]:
     """Worked examples as chat turns, drawn from this home (tiny models copy turns, not rules).
 
