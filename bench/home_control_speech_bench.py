@@ -8,8 +8,9 @@ Ollama API on); Home Assistant's Ollama integration set up against us with the
 Assist API; a French and an English pipeline: our ASR → that agent → our TTS.
 Each command is spoken by our TTS (Kokoro in French, Piper in English), streamed
 into the pipeline (faster than real time, as a recorded command), and the entity's
-``state_changed`` event is timed from the last audio frame sent. Scored per
-command: the entity ends in the expected state. ``--model-only`` runs the same
+``state_changed`` event is timed from the last audio frame sent. The home is reset
+before each round, and the commands alternate, so each must change its entity:
+right when it changed, to the asked state. ``--model-only`` runs the same
 with ``handle.local_intents: false`` and SmolLM2's calls allowed (the model decides every call).
 Writes ``home-control-speech-<date>[-model-only].json`` in bench/results.
 """
@@ -26,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.hass import Home, assist_home, say, state
+import aiohttp
+
+from tests.e2e.hass import Home, assist_home, reset_home, say, state
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -67,13 +70,18 @@ COMMANDS: list[tuple[str, str, str, Check]] = [
 async def run(home: Home, rounds: int) -> list[dict[str, Any]]:
     rows = []
     for round_ in range(rounds):
+        async with aiohttp.ClientSession() as session:  # every command below changes a state
+            await reset_home(session, home.hass.url, home.token)
+        await asyncio.sleep(1.0)
         for language, text, entity_id, check in COMMANDS:
             said = await say(home, text, language, watch=entity_id)
             current = await state(home, entity_id)
+            # Right: the command changed the entity, to the asked state (doing nothing is not right).
+            right = said.changed_after_s is not None and check(current)
             rows.append(
                 {
                     "round": round_, "language": language, "command": text, "entity": entity_id,
-                    "heard": said.transcript, "answer": said.answer, "right": check(current),
+                    "heard": said.transcript, "answer": said.answer, "right": right,
                     "state_changed_after_s": None if said.changed_after_s is None
                     else round(said.changed_after_s, 3),
                 }

@@ -97,18 +97,23 @@ async def test_chat_streams_text_then_done(client: ollama.AsyncClient) -> None:
     assert plain.done and (plain.message.content or "").strip()
 
 
+async def _chat(client: ollama.AsyncClient, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    stream = await client.chat(
+        model="superwhisper:latest", messages=messages, tools=HASS_REQUEST["tools"], stream=True,
+        options={"temperature": 0.0},
+    )  # fmt: skip
+    said, calls = "", []
+    async for part in stream:
+        said += part.message.content or ""
+        calls += part.message.tool_calls or []
+    return said, calls
+
+
 async def test_home_assistants_request_gets_text_or_an_executable_call(client: ollama.AsyncClient) -> None:
     home = home_of(chat_messages(HASS_REQUEST["messages"]), HASS_REQUEST["tools"])
     for text in ("Allume la lumière de la cuisine", "Éteins la lumière du salon", "Quelle heure est-il ?"):
         messages = [*HASS_REQUEST["messages"][:-1], {"role": "user", "content": text}]
-        stream = await client.chat(
-            model="superwhisper:latest", messages=messages, tools=HASS_REQUEST["tools"], stream=True,
-            options={"temperature": 0.0},
-        )  # fmt: skip
-        said, calls = "", []
-        async for part in stream:
-            said += part.message.content or ""
-            calls += part.message.tool_calls or []
+        said, calls = await _chat(client, messages)
         assert said.strip() or calls, f"{text!r}: neither text nor a call"
         for call in calls:
             problem = validate_call(call.function.name, dict(call.function.arguments), home)
@@ -166,18 +171,6 @@ async def test_bad_requests_get_ollama_errors_and_the_server_keeps_serving(base_
             assert body["done"] and body["response"].strip()
 
 
-async def _chat(client: ollama.AsyncClient, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
-    stream = await client.chat(
-        model="superwhisper:latest", messages=messages, tools=HASS_REQUEST["tools"], stream=True,
-        options={"temperature": 0.0},
-    )  # fmt: skip
-    said, calls = "", []
-    async for part in stream:
-        said += part.message.content or ""
-        calls += part.message.tool_calls or []
-    return said, calls
-
-
 async def test_a_home_command_is_home_assistants_call_and_its_result_is_worded(
     client: ollama.AsyncClient, base_url: str
 ) -> None:
@@ -211,3 +204,23 @@ async def test_a_home_command_is_home_assistants_call_and_its_result_is_worded(
     metrics_text = generate_latest(RUNNING["handle"].context.metrics.registry).decode()
     assert 'superwhisper_handle_local_intents_total{reason="intent"}' in metrics_text
     assert 'superwhisper_handle_local_intents_total{reason="follow_up"} 1.0' in metrics_text
+
+
+async def test_a_command_nothing_matched_is_not_guessed_when_no_level_may_act(
+    client: ollama.AsyncClient,
+) -> None:
+    """SmolLM2 (catalog ``tools: false``) is the only level: no device is switched at random."""
+    system = HASS_REQUEST["messages"][:-1]
+    for text, expected in (
+        ("Allume la lumière du garage", "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"),
+        ("Étant la l'alombe de chevais.", "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"),
+        ("Turn on the garage light", "I did not understand which device. Could you say it again?"),
+    ):
+        said, calls = await _chat(client, [*system, {"role": "user", "content": text}])
+        assert (said, calls) == (expected, []), text
+    said, calls = await _chat(
+        client, [*system, {"role": "user", "content": "Quelle est la capitale de l'Italie ?"}]
+    )
+    assert not calls and said.strip() and "appareil" not in said, "a question is the model's to answer"
+    metrics_text = generate_latest(RUNNING["handle"].context.metrics.registry).decode()
+    assert 'superwhisper_handle_local_intents_total{reason="not_understood"} 3.0' in metrics_text

@@ -20,7 +20,9 @@ from wyoming_superwhisper.handle.intents import (
     confirmation,
     fast_answer,
     follow_up_call,
+    looks_like_command,
     mended,
+    not_understood,
     state_answer,
     with_article,
 )
@@ -305,3 +307,21 @@ def test_an_english_state_question_names_the_entity_as_it_was_asked(recognizer: 
     match = recognizer.recognize("Is the living room light on?", "en", Home(entities=entities))
     assert match is not None and match.intent == "HassGetState"
     assert state_answer(match, entities, "en") == "No, Living room light is off."
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "command"),
+    [
+        ("Étant la l'alombe de chevais.", "fr", True),  # misheard "Éteins la lampe de chevet"
+        ("Allume la lumière du garage", "fr", True),
+        ("Mais le chauffage à 20 ans de gré.", "fr", True),
+        ("Quelle est la capitale de l'Italie ?", "fr", False),
+        ("Mais pourquoi le ciel est-il bleu ?", "fr", False),
+        ("Turn on the garage light", "en", True),
+        ("What time is it?", "en", False),
+    ],
+)
+def test_a_command_is_told_from_a_question(text: str, language: str, command: bool) -> None:
+    assert looks_like_command(text, language) is command
+    assert not_understood(language).endswith("?")
+

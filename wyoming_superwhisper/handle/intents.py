@@ -566,6 +566,9 @@ _DETERMINERS = frozenset(
 )
 
 
+_PARTICLES = frozenset(["on", "off", "up", "down", "tout", "tous", "toutes"])
+
+
 def _fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFD", text.casefold())
     return "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
@@ -584,7 +587,9 @@ def mended(text: str, language: str, home: Home) -> str:
         return text
     slips = _FIRST_WORD_SLIPS.get(_base(language), {})
     first = words[0].strip(",.!?").casefold()
-    if first in slips:
+    # "Mais le chauffage" is "Mets le chauffage"; "Mais pourquoi" stays "Mais pourquoi".
+    then = _fold(words[1]) if len(words) > 1 else ""
+    if first in slips and (then in _DETERMINERS or then in _PARTICLES or then.startswith("l'")):
         fixed = slips[first]
         words[0] = fixed.capitalize() if words[0][:1].isupper() else fixed
     names = sorted({*home.names, *home.areas}, key=lambda n: -len(n.split()))
@@ -613,6 +618,66 @@ def mended(text: str, language: str, home: Home) -> str:
             out.append(words[index])
             index += 1
     return " ".join(out)
+
+
+_COMMAND_VERBS = {
+    "fr": frozenset(
+        [
+            "allume",
+            "rallume",
+            "éteins",
+            "mets",
+            "règle",
+            "ouvre",
+            "ferme",
+            "monte",
+            "baisse",
+            "augmente",
+            "diminue",
+            "coupe",
+            "arrête",
+            "démarre",
+            "lance",
+            "active",
+            "désactive",
+            "verrouille",
+            "déverrouille",
+        ]
+    ),
+    "en": frozenset(
+        [
+            "turn",
+            "switch",
+            "set",
+            "open",
+            "close",
+            "raise",
+            "lower",
+            "increase",
+            "decrease",
+            "start",
+            "stop",
+            "lock",
+            "unlock",
+            "dim",
+        ]
+    ),
+}
+
+
+def looks_like_command(text: str, language: str) -> bool:
+    """Does the sentence start with a verb that commands a device (its homophones mended)?"""
+    mended_first = mended(text, language, Home()).split()
+    if not mended_first:
+        return False
+    return mended_first[0].strip(",.!?").casefold() in _COMMAND_VERBS.get(_base(language), frozenset())
+
+
+def not_understood(language: str) -> str:
+    """What a command no template matched gets when no level may act on the home."""
+    if _base(language) == "fr":
+        return "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"
+    return "I did not understand which device. Could you say it again?"
 
 
 _CLAUSE_BREAK = re.compile(r"\s*[,;:]\s*|\s+(?:et|puis|alors|and|then|so)\s+", re.IGNORECASE)

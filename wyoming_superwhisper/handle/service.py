@@ -52,7 +52,7 @@ from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
 from .home import Home, home_of
-from .intents import FastAnswer, IntentRecognizer, fast_answer
+from .intents import FastAnswer, IntentRecognizer, fast_answer, looks_like_command, not_understood
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
@@ -375,9 +375,7 @@ class HandleService(WyomingService):
         if home is not None and home.tools:
             # Built once per request, in a thread (thousands of names take milliseconds of pure
             # Python); a schema the grammar cannot express is the client's error, raised here.
-            grammar = await asyncio.to_thread(
-                tool_grammar, home, allow_calls=not after_tool_result(messages)
-            )
+            grammar = await asyncio.to_thread(tool_grammar, home, allow_calls=not after_tool_result(messages))
         loop = asyncio.get_running_loop()
         started = loop.time()
         budget = self.settings.timeout_s if timeout_s is None else timeout_s
@@ -452,6 +450,13 @@ class HandleService(WyomingService):
         except Exception:  # the templates failing must never cost the user an answer
             _LOGGER.exception("handle: local intents failed; the model answers")
             return None
+        if fast is None and not any(engine.supports_tools for engine in self.chain.engines):
+            # No level may act: a command the templates missed gets the truth, not a guess.
+            text = next(
+                (str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), ""
+            )
+            if messages and messages[-1].get("role") == "user" and looks_like_command(text, language):
+                fast = FastAnswer(text=not_understood(language), reason="not_understood")
         if fast is None or not (fast.text or fast.tool_call):
             return None
         self.context.metrics.local_intents.labels(fast.reason).inc()
