@@ -227,6 +227,20 @@ class HandleSettings:
     sentence templates matches (``home-assistant-intents``) is answered with that call, and its
     result worded, without a model, as Home Assistant's "prefer handling commands locally";
     false: the model answers everything."""
+    hass_url: str = ""
+    """Home Assistant base URL (``http://homeassistant.local:8123``): with a token, the Wyoming
+    handle acts on the home through Home Assistant's MCP server (its ``mcp_server``
+    integration); empty: the Wyoming handle only talks."""
+    hass_token: str = ""
+    """Long-lived access token for ``hass_url`` (or ``SUPERWHISPER_HANDLE__HASS_TOKEN``)."""
+    hass_timeout_s: float = 10.0
+    """Longest wait for one exchange with Home Assistant's MCP server (connect, list, call), in s."""
+    wyoming_intents: bool = False
+    """Without ``hass_url``: a client that speaks Wyoming 1.9+ (its event headers' ``version``;
+    Home Assistant 2026.6+) gets a home command Home Assistant's sentence templates recognize as
+    ``intents-start``/``intent``/``intents-stop``, which it executes, and ``info`` advertises
+    ``supports_home_control``; older clients get text either way. Off by default: the version
+    says a client can parse intents, not that it executes them (scripts, satellites)."""
 
 
 @dataclass(frozen=True)

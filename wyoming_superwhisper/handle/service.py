@@ -195,6 +195,13 @@ class HandleService(WyomingService):
         self._api: Any = None
         self.intents = IntentRecognizer()
         """Home Assistant's own sentence templates, matched before any model (``handle.local_intents``)."""
+        from .mcp_home import HomeControl, home_control_enabled  # it types against this module
+
+        self.home_control: HomeControl | None = (
+            HomeControl(self) if home_control_enabled(self.settings) else None
+        )
+        """Acting through Home Assistant's MCP server (``handle.hass_url``); built here so that a bad
+        URL stops the start with the key named, and one per service (it keeps calls per conversation)."""
 
     # -- WyomingService ------------------------------------------------------------
 

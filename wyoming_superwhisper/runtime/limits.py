@@ -21,6 +21,18 @@ from wyoming.event import Event
 from ..config import ServerSettings
 
 
+@dataclass
+class ClientEvent(Event):
+    """An event as read from a client, with the ``version`` of its header.
+
+    Every Wyoming peer writes its library's release in each header; a server
+    that answers newer clients with newer events (a handle's intents for
+    Wyoming 1.9+) reads it here. None when the header had none.
+    """
+
+    version: str | None = None
+
+
 class ProtocolViolation(Exception):
     """The client sent something no valid Wyoming peer sends; the connection will close."""
 
@@ -86,7 +98,10 @@ async def _read_event(reader: asyncio.StreamReader, limits: ReadLimits) -> Event
         extra = _parse_json_object(await _read_exactly(reader, data_length), "data")
         data.update(extra)
     payload = await _read_exactly(reader, payload_length) if payload_length else None
-    return Event(type=event_type, data=data, payload=payload)
+    version = header.get("version")
+    return ClientEvent(
+        type=event_type, data=data, payload=payload, version=version if isinstance(version, str) else None
+    )
 
 
 def _length(header: dict[str, Any], key: str, cap: int) -> int:

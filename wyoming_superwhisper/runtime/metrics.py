@@ -115,8 +115,16 @@ class Metrics:
             "superwhisper_handle_local_intents_total",
             "Home requests answered from Home Assistant's sentence templates without a model, by "
             "reason (intent: a matched command; follow_up: a pronoun; confirmation, state: the words "
-            "after a tool result)",
+            "after a tool result; not_understood: a command nothing matched and no level may act)",
             ["reason"],
+            registry=r,
+        )
+        self.home_actions = Counter(
+            "superwhisper_handle_home_actions_total",
+            "Home actions of the Wyoming handle, by path (mcp: run through Home Assistant's MCP "
+            "server; intent: handed to a Wyoming 1.9 client as an intent event) and outcome (ok, "
+            "tool_error, unreachable, unauthorized, not_configured, timeout, protocol)",
+            ["path", "outcome"],
             registry=r,
         )
         self.tokens_per_second = Histogram(
