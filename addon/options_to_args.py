@@ -32,6 +32,12 @@ _LOGGER = logging.getLogger("superwhisper.addon")
 
 PORTS = {"asr": 10300, "handle": 10400, "tts": 10200}
 """Wyoming ports inside the container (config.yaml maps them on the host)."""
+OLLAMA_PORT = 11434
+"""The handle's Ollama-compatible API (Ollama's own port, what its integration suggests)."""
+CORE_URL = "http://homeassistant:8123"
+"""Home Assistant Core as an add-on reaches it on the Supervisor's network. Its MCP server
+(``/mcp_server/sse``) is not behind the Supervisor's ``/core/api`` proxy, so the Supervisor
+token does not open it: a long-lived access token does (option ``hass_token``)."""
 OPS_PORT = 9300
 
 LEVEL_RE = re.compile(r"^(?P<model>[A-Za-z0-9_.:+-]+)(?:@(?P<device>auto|cpu|cuda))?$")
@@ -51,6 +57,8 @@ OPTIONS: dict[str, str] = {
     "gpu_min_vram_gb": "gpu.min_vram_gb",
     "gpu_forbid_names": "gpu.forbid_names",
     "gpu_on_mismatch": "gpu.on_mismatch",
+    "ollama_api": "handle.api_port 11434 (Home Assistant's Ollama integration acts through it)",
+    "hass_token": "handle.hass_url + SUPERWHISPER_HANDLE__HASS_TOKEN (the Wyoming handle acts via MCP)",
     "fetch_models": "run `superwhisper models fetch --configured` first",
     "log_level": "log_level",
 }
@@ -110,7 +118,18 @@ def serve_command(options: Mapping[str, Any], program: str = "superwhisper") -> 
     argv += _set("gpu.forbid_names", [str(name) for name in options.get("gpu_forbid_names") or []])
     if "gpu_on_mismatch" in options:
         argv += _set("gpu.on_mismatch", str(options["gpu_on_mismatch"]))
+    if options.get("ollama_api") and "handle" in services:
+        argv += _set("handle.api_host", "0.0.0.0") + _set("handle.api_port", OLLAMA_PORT)
+    if options.get("hass_token") and "handle" in services:
+        # The token itself goes by the environment (serve_environment): command lines are logged.
+        argv += _set("handle.hass_url", CORE_URL)
     return argv
+
+
+def serve_environment(options: Mapping[str, Any]) -> dict[str, str]:
+    """Secrets for ``superwhisper serve``, passed in its environment rather than its argv."""
+    token = str(options.get("hass_token") or "").strip()
+    return {"SUPERWHISPER_HANDLE__HASS_TOKEN": token} if token else {}
 
 
 def fetch_command(options: Mapping[str, Any], program: str = "superwhisper") -> list[str]:
@@ -177,10 +196,10 @@ def discover(
 
 
 def main(argv: Sequence[str]) -> int:
-    """``options_to_args.py serve|fetch|discover [options.json]``."""
+    """``options_to_args.py serve|fetch|env|discover [options.json]``."""
     logging.basicConfig(level=logging.INFO, format="[superwhisper add-on] %(levelname)s %(message)s")
-    if not argv or argv[0] not in ("serve", "fetch", "discover"):
-        sys.stderr.write("usage: options_to_args.py serve|fetch|discover [/data/options.json]\n")
+    if not argv or argv[0] not in ("serve", "fetch", "env", "discover"):
+        sys.stderr.write("usage: options_to_args.py serve|fetch|env|discover [/data/options.json]\n")
         return 2
     path = argv[1] if len(argv) > 1 else "/data/options.json"
     try:
@@ -188,6 +207,9 @@ def main(argv: Sequence[str]) -> int:
             options = json.load(handle)
         if argv[0] == "discover":
             discover(options)
+            return 0
+        if argv[0] == "env":  # NAME=value pairs, NUL-separated, for run.sh to export
+            sys.stdout.write("".join(f"{k}={v}\0" for k, v in serve_environment(options).items()))
             return 0
         command = serve_command(options) if argv[0] == "serve" else fetch_command(options)
     except (OSError, ValueError) as error:  # OptionsError and JSONDecodeError are ValueErrors

@@ -36,6 +36,10 @@ if [ "${#fetch[@]}" -gt 0 ]; then
     "${fetch[@]}" || echo "[superwhisper add-on] some models could not be fetched" >&2
 fi
 
+# Secrets (the Home Assistant token of option hass_token) by the environment, never on the
+# command line, which is logged below.
+while IFS= read -r -d '' pair; do export "${pair?}"; done < <("${PYTHON}" "${HELPER}" env "${OPTIONS}")
+
 # Tell Home Assistant where the servers are once they listen (Supervisor discovery).
 "${PYTHON}" "${HELPER}" discover "${OPTIONS}" &
 

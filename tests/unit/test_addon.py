@@ -123,7 +123,10 @@ def test_manifest_follows_the_add_on_conventions(config: dict[str, Any]) -> None
     assert isinstance(config["version"], str)
     assert sorted(config["arch"]) == ["aarch64", "amd64"]
     assert config["discovery"] == ["wyoming"]
-    assert config["ports"] == {"10300/tcp": 10300, "10400/tcp": 10400, "10200/tcp": 10200, "9300/tcp": 9300}
+    assert config["ports"] == {
+        "10300/tcp": 10300, "10400/tcp": 10400, "10200/tcp": 10200, "9300/tcp": 9300,
+        "11434/tcp": None,  # Home Assistant reaches the Ollama API by the add-on's hostname
+    }  # fmt: skip
     assert set(config["ports_description"]) == set(config["ports"])
     assert config["init"] is False  # run.sh is PID 1's child via CMD, no s6 services
     assert "[PORT:9300]/readyz" in config["watchdog"]
@@ -195,6 +198,8 @@ SAMPLE = {
     "gpu_min_vram_gb": 20,
     "gpu_forbid_names": ["5060"],
     "gpu_on_mismatch": "fail",
+    "ollama_api": False,
+    "hass_token": "",
     "fetch_models": True,
     "log_level": "debug",
 }
@@ -326,6 +331,29 @@ def test_run_script_values_are_never_split_by_the_shell(addon_root: Path) -> Non
     assert len(calls) == 1
     settings = settings_for(["superwhisper", *calls[0]["argv"]])
     assert settings.handle.assistant_name == "Jean  *  $HOME ; echo pwned"
+
+
+def test_home_control_options_open_the_ollama_api_and_pass_the_token_by_the_environment(
+    addon_root: Path,
+) -> None:
+    token = "eyJ.secret-token.x"  # a long-lived Home Assistant token
+    options = {
+        **SAMPLE,
+        "services": ["handle"],
+        "ollama_api": True,
+        "hass_token": token,
+        "fetch_models": False,
+    }
+    result, calls = run_addon(addon_root, options)
+    assert result.returncode == 0, result.stderr
+    settings = settings_for(["superwhisper", *calls[0]["argv"]])
+    assert (settings.handle.api_host, settings.handle.api_port) == ("0.0.0.0", helper.OLLAMA_PORT)
+    assert settings.handle.hass_url == helper.CORE_URL
+    assert calls[0]["env"]["SUPERWHISPER_HANDLE__HASS_TOKEN"] == token
+    assert token not in json.dumps(calls[0]["argv"]) and token not in result.stdout + result.stderr
+    quiet = settings_for(helper.serve_command({**options, "ollama_api": False, "hass_token": ""}))
+    assert (quiet.handle.api_port, quiet.handle.hass_url) == (0, "")
+    assert helper.serve_environment({**options, "hass_token": "  "}) == {}
 
 
 def test_run_script_refuses_bad_options(addon_root: Path) -> None:
