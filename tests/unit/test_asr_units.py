@@ -9,6 +9,7 @@ from wyoming_superwhisper.asr.engines import (
     AsrResult,
     QualityGate,
     collapse_repetitions,
+    collapse_whole_loop,
     hotwords,
     is_hallucination,
     looks_looped,
@@ -167,10 +168,40 @@ def test_repetition_loops_are_cut(text: str, expected: str) -> None:
         ("Bonjour, quelle heure est-il ?", False),
         ("oui oui", False),
         ("très très bien", False),
+        # whisper-base with a 6 s window on CI's CPU, 2026-12-04: three copies of 5 words
+        (
+            "Bonjour, quelle heure est-il ? Bonjour, quelle heure est-il ? Bonjour, quelle heure est-il ?",
+            True,
+        ),
+        ("Ferme la porte du garage. Ferme la porte du garage. Ferme la", True),
+        ("Allume la lumière de la cuisine et la lumière du salon.", False),
     ],
 )
 def test_loop_detection_for_the_short_encoder_window(text: str, looped: bool) -> None:
     assert looks_looped(text) is looped
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Bonjour, quelle heure est-il ? Bonjour, quelle heure est-il ? Bonjour, quelle heure est-il ?",
+            "Bonjour, quelle heure est-il ?",
+        ),
+        (
+            "Ferme la porte du garage. Ferme la porte du garage. Ferme la porte du garage. Ferme",
+            "Ferme la porte du garage.",
+        ),
+        # twice is left alone: a person may repeat a request once
+        ("Ferme la porte. Ferme la porte.", "Ferme la porte. Ferme la porte."),
+        (
+            "Allume la lumière de la cuisine et la lumière du salon.",
+            "Allume la lumière de la cuisine et la lumière du salon.",
+        ),
+    ],
+)
+def test_a_whole_command_said_three_times_is_kept_once(text: str, expected: str) -> None:
+    assert collapse_whole_loop(text) == expected
 
 
 @pytest.mark.parametrize(

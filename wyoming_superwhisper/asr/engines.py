@@ -141,6 +141,10 @@ def is_hallucination(text: str, no_speech_prob: float = 0.0, avg_logprob: float 
     return any(phrase in clean for phrase in HALLUCINATED_PHRASES)
 
 
+def _word_key(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
 def collapse_repetitions(text: str, max_n: int = 4, keep: int = 1) -> str:
     """Cut Whisper's loops ("de de de de…", "ma paie, ma paie, ma paie…") down to ``keep`` copies.
 
@@ -149,7 +153,7 @@ def collapse_repetitions(text: str, max_n: int = 4, keep: int = 1) -> str:
     left alone ("très très").
     """
     words = text.split()
-    keys = [re.sub(r"[^\w']", "", w.lower()) for w in words]
+    keys = [_word_key(w) for w in words]
     for n in range(1, max_n + 1):
         i = 0
         while i + n <= len(words):
@@ -168,12 +172,39 @@ def collapse_repetitions(text: str, max_n: int = 4, keep: int = 1) -> str:
     return " ".join(words)
 
 
+def loop_period(keys: Sequence[str]) -> int:
+    """The smallest phrase (≥ 2 words) that the whole text repeats back to back, else 0.
+
+    "X X", "X X X" and "X X X-cut-short" all count: Whisper's loops restart the
+    command and stop wherever its token budget ends.
+    """
+    n = len(keys)
+    for period in range(2, n // 2 + 1):
+        if keys[period:] == keys[: n - period]:
+            return period
+    return 0
+
+
+def collapse_whole_loop(text: str, min_copies: int = 3) -> str:
+    """A text that is one phrase said ``min_copies`` times or more, cut to one copy.
+
+    ``collapse_repetitions`` only sees short phrases; a looped command is longer
+    ("Bonjour, quelle heure est-il ?" three times). Twice is left alone: a user
+    may repeat a short request once, never three times to a voice assistant.
+    """
+    words = text.split()
+    spoken = [i for i, word in enumerate(words) if _word_key(word)]
+    keys = [_word_key(words[i]) for i in spoken]
+    period = loop_period(keys)
+    if not period or len(keys) < min_copies * period:
+        return text
+    return " ".join(words[: spoken[period]])
+
+
 def looks_looped(text: str) -> bool:
-    """Whisper said it twice: the second half repeats the first, or a phrase runs 3 times."""
-    words = [re.sub(r"[^\w']", "", w.lower()) for w in text.split()]
-    words = [w for w in words if w]
-    half = len(words) // 2
-    if half >= 2 and len(words) % 2 == 0 and words[:half] == words[half:]:
+    """Whisper said it again: the whole text repeats one phrase, or a short phrase runs 3 times."""
+    keys = [key for key in map(_word_key, text.split()) if key]
+    if loop_period(keys):
         return True
     return collapse_repetitions(text) != text
 
@@ -387,7 +418,7 @@ class WhisperEngine:
 
     def finish(self, result: AsrResult) -> AsrResult:
         """Last cleanup of a text, whichever window made it."""
-        return replace(result, text=collapse_repetitions(result.text))
+        return replace(result, text=collapse_repetitions(collapse_whole_loop(result.text)))
 
 
 # --- remote Wyoming ASR ----------------------------------------------------------------
