@@ -272,6 +272,10 @@ class TtsSettings:
     length_scale: float = 1.0
     """Speaking speed of every voice (>1 slower): Piper's length scale; espeak-ng's words
     per minute (150) are divided by it. A level's ``options.length_scale`` multiplies it."""
+    chunked_decode: bool = True
+    """Piper voices decode a sentence in chunks and send each as soon as it is ready (first
+    audio before the sentence is rendered; a fixed gain per voice instead of a per-sentence
+    peak normalization); false: each sentence is synthesized whole."""
     timeout_s: float = 30.0
     queue_size: int = 8
     """Answers in flight at most, over all connections (speaking or waiting for a voice);

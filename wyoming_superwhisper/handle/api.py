@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..runtime.fallback import AllLevelsFailed
+from ..runtime.fallback import AllLevelsFailed, ClientGone
 from .home import ToolError
 from .ollama import OllamaRoutes, key_matches
 from .prompts import apology, detect_language
-from .service import ClientGone
 
 if TYPE_CHECKING:
     from .service import HandleService

@@ -37,6 +37,7 @@ from wyoming.info import Describe, Info
 from wyoming.intent import Entity, Intent, IntentsStart, IntentsStop
 
 from ..runtime.fallback import AllLevelsFailed
+from ..runtime.fallback import ClientGone as _ClientGone
 from ..runtime.limits import ProtocolViolation
 from ..runtime.server import Connection, EventHandler
 from .conversation import conversation_key
@@ -45,7 +46,6 @@ from .intents import IntentMatch, confirmation
 from .mcp_home import HomeUnavailable, metrics_home
 from .prompts import apology, base_language, detect_language, strip_control
 from .service import Answer, HandleService
-from .service import ClientGone as _ClientGone
 
 _LOGGER = logging.getLogger(__name__)
 

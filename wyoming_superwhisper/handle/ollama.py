@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import __version__
-from ..runtime.fallback import AllLevelsFailed
+from ..runtime.fallback import AllLevelsFailed, ClientGone
 from .home import ToolError
 from .prompts import apology, detect_language
-from .service import ClientGone
 
 if TYPE_CHECKING:
     from .service import HandleService

@@ -76,15 +76,6 @@ TOOL_CALL_TOKENS = 128
 """Least tokens a request with tools gets: a call cut off mid-JSON could not be executed."""
 
 
-class ClientGone(asyncio.CancelledError):
-    """Writing to the client failed: abandon the answer like a cancellation.
-
-    A subclass of ``CancelledError`` so the fallback chain does not take a client
-    that hung up for an engine failure (which would open the circuit) and try the
-    next level for nobody. Raised by the front doors' chunk sinks.
-    """
-
-
 @dataclass(frozen=True)
 class Answer:
     """The final answer with its provenance (what metrics, logs and tests explain)."""

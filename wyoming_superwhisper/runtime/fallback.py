@@ -39,6 +39,15 @@ class QualityRejected(EngineError):
     """The engine answered, but the service's quality gate refused the answer."""
 
 
+class ClientGone(asyncio.CancelledError):
+    """Writing to the client failed: abandon the answer like a cancellation.
+
+    A subclass of ``CancelledError`` so the fallback chain neither takes a client
+    that hung up for an engine failure (which would open the circuit) nor asks the
+    next level for nobody. Raised by the services' sinks (handle chunks, TTS audio).
+    """
+
+
 class EngineCrashed(EngineError):
     """The engine's worker process died or hung; ``cause`` says how (``SIGSEGV``, ``hang``...).
 

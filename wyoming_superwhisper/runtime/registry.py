@@ -765,7 +765,7 @@ class ModelRegistry:
         hub_sha = meta.etag.lower() if _SHA256_RE.fullmatch(meta.etag.lower()) else None
         expected = spec.sha256.get(name) or hub_sha
         if final.is_file() and (meta.size is None or final.stat().st_size == meta.size):
-            if expected is None or _sha256(final) == expected:
+            if expected is None or file_sha256(final) == expected:
                 return final
             _LOGGER.warning("%s: %s differs from the hub's copy; downloading again", spec.ref, final)
         partial_dir = target / _PARTIAL_DIR
@@ -802,7 +802,7 @@ class ModelRegistry:
                     f"{where}: download interrupted ({error}); run the fetch again to resume"
                 ) from error
             if expected is not None:
-                actual = _sha256(partial)
+                actual = file_sha256(partial)
                 if actual != expected:
                     partial.unlink(missing_ok=True)
                     etag_file.unlink(missing_ok=True)
@@ -842,7 +842,7 @@ class ModelRegistry:
                 continue
             expected = spec.sha256.get(name)
             if expected:
-                actual = _sha256(path)
+                actual = file_sha256(path)
                 if actual != expected:
                     problems.append(f"{name}: sha256 {actual} differs from the catalog's {expected}")
         return problems
@@ -863,7 +863,8 @@ def _is_empty(path: Path) -> bool:
         return True
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in blocks (models are gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):

@@ -23,8 +23,9 @@ import json
 import logging
 import math
 import struct
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ class Audio:
         data = np.frombuffer(self.pcm[: self.samples * SAMPLE_WIDTH], dtype="<i2")
         out = soxr.resample(data, self.rate, rate, quality="HQ")
         return Audio(np.asarray(out, dtype="<i2").tobytes(), rate, self.engine)
+
+
+@dataclass(frozen=True)
+class AudioPart:
+    """A piece of one segment's audio, sent on as soon as the voice has decoded it."""
+
+    audio: Audio
+    expected_samples: int
+    """The whole segment's length in samples, known before its first piece: the
+    quality gate judges the duration before anything is heard."""
 
 
 @dataclass(frozen=True)
@@ -193,14 +204,19 @@ def check_audio(audio: Audio, text: str, length_scale: float = 1.0) -> str | Non
     rms = audio.rms()
     if rms < MIN_RMS:
         return f"silent (rms {rms:.0f})"
+    return check_duration(audio.seconds, text, length_scale)
+
+
+def check_duration(seconds: float, text: str, length_scale: float = 1.0) -> str | None:
+    """The gate's duration half: judged before a streamed segment's first piece goes out."""
     chars = sum(1 for ch in text if ch.isalnum())
     scale = max(0.25, min(length_scale, 4.0))
     low = chars * MIN_SECONDS_PER_CHAR * scale
     high = (chars * MAX_SECONDS_PER_CHAR + MAX_EXTRA_SECONDS) * scale
-    if audio.seconds < low:
-        return f"{audio.seconds:.2f} s is too short for {chars} characters"
-    if audio.seconds > high:
-        return f"{audio.seconds:.2f} s is too long for {chars} characters"
+    if seconds < low:
+        return f"{seconds:.2f} s is too short for {chars} characters"
+    if seconds > high:
+        return f"{seconds:.2f} s is too long for {chars} characters"
     return None
 
 
@@ -209,7 +225,14 @@ def check_audio(audio: Audio, text: str, length_scale: float = 1.0) -> str | Non
 
 @dataclass
 class PiperEngine(TtsEngine):
-    """A Piper ONNX voice (``piper-tts``), kept loaded; synthesis in a thread under a lock."""
+    """A Piper ONNX voice (``piper-tts``), kept loaded; synthesis in a thread under a lock.
+
+    With ``chunked`` (``tts.chunked_decode``), the voice's graph is cut at its
+    decoder's input (:mod:`.vits_chunks`, cached under ``split_dir``): a sentence
+    is encoded once, then decoded in chunks that :meth:`synthesize_stream` yields
+    as they come, so its first audio goes out long before it is rendered. A graph
+    that cannot be cut is synthesized whole, as piper-tts does (logged once).
+    """
 
     model_path: Path
     config_path: Path | None = None
@@ -220,11 +243,24 @@ class PiperEngine(TtsEngine):
     """Default speaker (name or index) for multi-speaker voices."""
     length_scale: float = 1.0
     """Default speaking speed of this voice; multiplied by the request's."""
+    noise_scale: float | None = None
+    """Generator noise (None: the voice's config); 0 with ``noise_w`` 0 makes a voice deterministic."""
+    noise_w: float | None = None
+    """Phoneme width noise (None: the voice's config)."""
     warm_text: str = "Bonjour."
     native_rate: int = 0
+    chunked: bool = True
+    """Decode sentences in chunks (see the class doc); False: piper-tts's whole-sentence path."""
+    split_dir: Path | None = None
+    """Where the cut graph is cached (the registry's cache); None: no chunked decoding."""
+    chunked_state: str = field(default="", init=False)
+    """``chunked`` once the cut voice is loaded, else why the voice is synthesized whole."""
+    gain: float = field(default=1.0, init=False)
+    """Fixed gain of the chunked path (a sentence's peak is not known before its first chunk)."""
     speaker_names: tuple[str, ...] = field(default=(), init=False)
     """Speakers of a multi-speaker voice, known once loaded."""
     _voice: Any = field(default=None, init=False, repr=False)
+    _chunks: Any = field(default=None, init=False, repr=False)
     _lock: PriorityLock = field(default_factory=PriorityLock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -238,31 +274,90 @@ class PiperEngine(TtsEngine):
             return
         async with self._lock.hold((-1.0, 0.0)):
             if self._voice is None:
-                self._voice = await until_done(asyncio.to_thread(self._load_and_warm))
+                self._voice, self._chunks = await until_done(asyncio.to_thread(self._load_and_warm))
 
-    def _load_and_warm(self) -> Any:
+    def _load_and_warm(self) -> tuple[Any, Any]:
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
+        chunks = self._load_chunked() if self.chunked else None
+        if not self.chunked:
+            self.chunked_state = "off (tts.chunked_decode: false)"
         try:
-            # ONNX Runtime's defaults (all cores, spinning worker threads) measured best here:
-            # without spinning, four clients' p95 doubled (bench/tts_bench.py).
-            voice = PiperVoice.load(
-                str(self.model_path),
-                config_path=str(self.config_path),
-                use_cuda=self.device.startswith("cuda"),
-            )
+            if chunks is not None:
+                # The phonemizer and the config only: synthesis goes through ``chunks``.
+                config = PiperConfig.from_dict(json.loads(Path(str(self.config_path)).read_text("utf-8")))
+                voice = PiperVoice(session=chunks.encoder, config=config)
+            else:
+                # ONNX Runtime's defaults (all cores, spinning worker threads) measured best here:
+                # without spinning, four clients' p95 doubled (bench/tts_bench.py).
+                voice = PiperVoice.load(
+                    str(self.model_path),
+                    config_path=str(self.config_path),
+                    use_cuda=self.device.startswith("cuda"),
+                )
         except Exception as error:  # onnxruntime raises its own types for a corrupt file
             raise EngineError(f"cannot load Piper voice {self.model_path.name}: {error}") from error
         self.native_rate = int(voice.config.sample_rate)
         mapping: dict[str, int] = dict(voice.config.speaker_id_map)
         self.speaker_names = tuple(sorted(mapping, key=lambda speaker: mapping[speaker]))
-        for _ in voice.synthesize(self.warm_text):  # the first ONNX run is slow: pay it now
-            pass
-        return voice
+        if chunks is not None:
+            self.gain = self._calibrate(voice, chunks)  # also pays the first, slow ONNX runs
+        else:
+            for _ in voice.synthesize(self.warm_text):  # the first ONNX run is slow: pay it now
+                pass
+        return voice, chunks
+
+    def _load_chunked(self) -> Any:
+        """The cut voice, or None (and why, logged once per load) when it cannot be had."""
+        from .vits_chunks import ChunkedVits, SplitError, split_voice
+
+        if self.split_dir is None:
+            self.chunked_state = "whole: no cache directory for the cut graph"
+        else:
+            try:
+                split = split_voice(self.model_path, self.split_dir)
+                chunks = ChunkedVits(split, self._providers())
+            except ImportError as error:
+                self.chunked_state = f"whole: {error.name or error} is not installed"
+            except SplitError as error:
+                self.chunked_state = f"whole: the graph cannot be cut ({error})"
+            except Exception as error:  # onnx/onnxruntime errors on an odd graph, an unwritable cache
+                self.chunked_state = f"whole: cutting the graph failed ({type(error).__name__}: {error})"
+            else:
+                self.chunked_state = "chunked"
+                _LOGGER.info(
+                    "%s: chunked decoding (hop %d, %d context frames)", self.name, chunks.hop, chunks.context
+                )
+                return chunks
+        _LOGGER.warning("%s: %s", self.name, self.chunked_state)
+        return None
+
+    def _providers(self) -> list[Any]:
+        if self.device.startswith("cuda"):
+            cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})  # as piper-tts
+            return [cuda, "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _calibrate(self, voice: Any, chunks: Any) -> float:
+        """Gain that brings the loudest calibration sentence to :data:`PEAK_TARGET`.
+
+        piper-tts scales each sentence to its own peak; a streamed sentence's peak
+        is not known when its first chunk goes out, so the voice gets one fixed gain.
+        """
+        from .vits_chunks import calibration_texts
+
+        peaks = []
+        for text in (self.warm_text, *calibration_texts(str(voice.config.espeak_voice))):
+            for latent in self._encode(voice, chunks, text, None, 1.0, deterministic=True):
+                peaks.append(float(np.max(np.abs(chunks.decode(latent)))))
+        peak = max(peaks, default=0.0)
+        return PEAK_TARGET / peak if peak > 1e-3 else 1.0
 
     async def close(self) -> None:
         async with self._lock.hold((-1.0, 0.0)):
             self._voice = None
+            self._chunks = None
 
     def speakers(self) -> tuple[str, ...]:
         return self.speaker_names
@@ -279,27 +374,128 @@ class PiperEngine(TtsEngine):
             return int(str(wanted))
         raise EngineError(f"{self.name}: no speaker {wanted!r} (known: {', '.join(mapping) or 'none'})")
 
-    async def synthesize(self, text: str, options: SynthesisOptions) -> Audio:
+    @contextlib.asynccontextmanager
+    async def _turn(self, options: SynthesisOptions) -> AsyncIterator[tuple[Any, Any, int | None, float]]:
+        """The voice's turn for one request: (voice, cut graph or None, speaker id, length scale)."""
         if self._voice is None:
             raise EngineError(f"{self.name} is not loaded")
         speaker_id = self._speaker_id(options.speaker)
         scale = self.length_scale * options.length_scale
         async with engine_turn(self._lock.hold(options.priority)):
-            voice = self._voice
+            voice, chunks = self._voice, self._chunks
             if voice is None:
                 raise EngineError(f"{self.name} was closed")
-            pcm = await until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
+            yield voice, chunks, speaker_id, scale
+
+    async def synthesize(self, text: str, options: SynthesisOptions) -> Audio:
+        async with self._turn(options) as (voice, chunks, speaker_id, scale):
+            if chunks is not None:
+                work = asyncio.to_thread(self._run_whole, voice, chunks, text, speaker_id, scale)
+                pcm = await until_done(work)
+            else:
+                pcm = await until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
         return Audio(pcm, self.native_rate, self.name)
 
-    @staticmethod
-    def _run(voice: Any, text: str, speaker_id: int | None, length_scale: float) -> bytes:
+    async def synthesize_stream(
+        self, text: str, options: SynthesisOptions
+    ) -> AsyncGenerator[AudioPart, None]:
+        """The segment's audio in pieces, each yielded as soon as it is decoded.
+
+        The voice is held from the first piece to the last; a consumer that stops
+        (cancelled, closed) frees it once the chunk being decoded is done.
+        """
+        async with self._turn(options) as (voice, chunks, speaker_id, scale):
+            if chunks is None:
+                pcm = await until_done(asyncio.to_thread(self._run, voice, text, speaker_id, scale))
+                yield AudioPart(Audio(pcm, self.native_rate, self.name), len(pcm) // SAMPLE_WIDTH)
+                return
+            from .vits_chunks import ChunkPlanner
+
+            latents = await until_done(
+                asyncio.to_thread(self._encode, voice, chunks, text, speaker_id, scale)
+            )
+            expected = sum(latent.frames for latent in latents) * chunks.hop
+            for latent in latents:
+                planner = ChunkPlanner(latent.frames, chunks.hop / self.native_rate, chunks.context)
+                while (chunk := planner.next()) is not None:
+                    started = time.perf_counter()
+                    pcm = await until_done(asyncio.to_thread(self._decode, chunks, latent, *chunk))
+                    planner.decoded(*chunk, time.perf_counter() - started)
+                    yield AudioPart(Audio(pcm, self.native_rate, self.name), expected)
+
+    def _encode(
+        self,
+        voice: Any,
+        chunks: Any,
+        text: str,
+        speaker_id: int | None,
+        length_scale: float,
+        *,
+        deterministic: bool = False,
+    ) -> list[Any]:
+        """One latent per sentence piper-tts's phonemizer finds in ``text``."""
+        config = voice.config
+        noise = config.noise_scale if self.noise_scale is None else self.noise_scale
+        noise_w = config.noise_w_scale if self.noise_w is None else self.noise_w
+        if deterministic:
+            noise = noise_w = 0.0
+        scales = np.array([noise, length_scale, noise_w], dtype=np.float32)
+        if config.num_speakers > 1 and speaker_id is None:
+            speaker_id = config.default_speaker_id
+        try:
+            latents = []
+            for phonemes in voice.phonemize(text):
+                if not phonemes:
+                    continue
+                ids = voice.phonemes_to_ids(phonemes)
+                feeds = {
+                    "input": np.array([ids], dtype=np.int64),
+                    "input_lengths": np.array([len(ids)], dtype=np.int64),
+                    "scales": scales,
+                }
+                if config.num_speakers > 1:
+                    feeds["sid"] = np.array([speaker_id or 0], dtype=np.int64)
+                latents.append(chunks.encode(feeds))
+            return latents
+        except Exception as error:  # onnxruntime errors on a broken graph surface here
+            raise EngineError(f"Piper synthesis failed: {error}") from error
+
+    def _decode(self, chunks: Any, latent: Any, start: int, end: int | None) -> bytes:
+        try:
+            audio = chunks.decode(latent, start, end)
+        except Exception as error:
+            raise EngineError(f"Piper synthesis failed: {error}") from error
+        return _to_pcm16(audio * self.gain)
+
+    def _run_whole(
+        self, voice: Any, chunks: Any, text: str, speaker_id: int | None, length_scale: float
+    ) -> bytes:
+        """The same audio as the chunks of :meth:`synthesize_stream`, in one decoder run."""
+        latents = self._encode(voice, chunks, text, speaker_id, length_scale)
+        return b"".join(self._decode(chunks, latent, 0, None) for latent in latents)
+
+    def _run(self, voice: Any, text: str, speaker_id: int | None, length_scale: float) -> bytes:
         from piper import SynthesisConfig
 
-        config = SynthesisConfig(speaker_id=speaker_id, length_scale=length_scale)
+        config = SynthesisConfig(
+            speaker_id=speaker_id,
+            length_scale=length_scale,
+            noise_scale=self.noise_scale,
+            noise_w_scale=self.noise_w,
+        )
         try:
             return b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text, config))
         except Exception as error:  # onnxruntime errors on a broken graph surface here
             raise EngineError(f"Piper synthesis failed: {error}") from error
+
+
+PEAK_TARGET = 0.95
+"""Peak of the loudest calibration sentence on the chunked path (piper-tts: each sentence at 1.0)."""
+
+
+def _to_pcm16(audio: np.ndarray) -> bytes:
+    """Float samples → 16-bit PCM, clipped as piper-tts does."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 # --- espeak-ng --------------------------------------------------------------------
@@ -338,7 +534,13 @@ class EspeakEngine(TtsEngine):
         async with engine_turn(self._gate):
             try:
                 process = await asyncio.create_subprocess_exec(
-                    str(self.binary), "-v", voice, "-s", str(speed), "--stdout", "--stdin",
+                    str(self.binary),
+                    "-v",
+                    voice,
+                    "-s",
+                    str(speed),
+                    "--stdout",
+                    "--stdin",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
@@ -416,9 +618,7 @@ class RemoteWyomingEngine(TtsEngine):
         from wyoming.error import Error
         from wyoming.tts import Synthesize, SynthesizeVoice
 
-        voice = (
-            SynthesizeVoice(name=self.voice, speaker=options.speaker) if self.voice else None
-        )
+        voice = SynthesizeVoice(name=self.voice, speaker=options.speaker) if self.voice else None
         client = AsyncTcpClient(self._host, self._port)
         try:
             await asyncio.wait_for(client.connect(), self.connect_timeout_s)

@@ -22,6 +22,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import soxr
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event
 from wyoming.info import Describe
@@ -33,10 +35,10 @@ from wyoming.tts import (
     SynthesizeStopped,
 )
 
-from ..runtime.fallback import AllLevelsFailed
+from ..runtime.fallback import AllLevelsFailed, ClientGone
 from ..runtime.limits import ProtocolViolation
 from ..runtime.server import Connection, EventHandler
-from .engines import CHANNELS, SAMPLE_WIDTH, SynthesisOptions
+from .engines import CHANNELS, SAMPLE_WIDTH, Audio, SynthesisOptions
 from .sentences import SentenceSplitter, split_sentences
 
 if TYPE_CHECKING:
@@ -46,6 +48,34 @@ _LOGGER = logging.getLogger(__name__)
 
 SAMPLES_PER_CHUNK = 2048
 """Samples per ``audio-chunk`` event (about 93 ms at 22050 Hz)."""
+
+
+class _Resampler:
+    """One segment's pieces to the answer's rate; soxr keeps its state across pieces (no seams)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._source = 0
+        self._stream: soxr.ResampleStream | None = None
+
+    def feed(self, audio: Audio) -> bytes:
+        if audio.rate == self.rate:
+            return self.flush() + audio.pcm
+        tail = b""
+        if audio.rate != self._source or self._stream is None:
+            tail = self.flush()
+            self._source = audio.rate
+            self._stream = soxr.ResampleStream(audio.rate, self.rate, 1, dtype="int16", quality="HQ")
+        samples = np.frombuffer(audio.pcm[: audio.samples * SAMPLE_WIDTH], dtype="<i2")
+        return tail + np.asarray(self._stream.resample_chunk(samples, last=False), dtype="<i2").tobytes()
+
+    def flush(self) -> bytes:
+        """The resampler's tail at the end of a segment (nothing when no resampling)."""
+        stream, self._stream, self._source = self._stream, None, 0
+        if stream is None:
+            return b""
+        tail = stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True)
+        return np.asarray(tail, dtype="<i2").tobytes()
 
 
 class _Response:
@@ -103,8 +133,26 @@ class _Response:
                 )
                 segments += 1
                 speak_started = time.monotonic()
+                resampler: _Resampler | None = None
+
+                async def deliver(audio: Audio, level: int) -> None:
+                    # A segment's audio as the voice hands it over: a streaming voice's
+                    # first piece goes out before the rest of the sentence is decoded.
+                    nonlocal rate, audio_started, resampler
+                    if not rate:
+                        rate = audio.rate
+                    if resampler is None:
+                        resampler = _Resampler(rate)
+                    pcm = resampler.feed(audio)
+                    if not audio_started:
+                        await self._send(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
+                        audio_started = True
+                        first = time.monotonic() - self._started
+                        metrics.observe(service.name, "first_audio", first, level)
+                    await self._write_audio(pcm, rate)
+
                 try:
-                    result = await service.speak(self.route, segment, options)
+                    result = await service.speak(self.route, segment, options, deliver)
                 except AllLevelsFailed as error:
                     _LOGGER.warning("tts %s: %s", connection.peer, error)
                     if error.overloaded:  # every voice still busy after tts.timeout_s
@@ -117,19 +165,12 @@ class _Response:
                     continue
                 if result is None:
                     continue
+                if resampler is not None:
+                    await self._write_audio(resampler.flush(), rate)
                 worst_level = max(worst_level, result.level)
                 audio = result.value
                 speak_seconds += time.monotonic() - speak_started
                 audio_seconds += len(audio.pcm) / (SAMPLE_WIDTH * CHANNELS * audio.rate)
-                if not rate:
-                    rate = audio.rate
-                audio = audio.resampled(rate)
-                if not audio_started:
-                    await connection.write(AudioStart(rate, SAMPLE_WIDTH, CHANNELS).event())
-                    audio_started = True
-                    first = time.monotonic() - self._started
-                    metrics.observe(service.name, "first_audio", first, result.level)
-                await self._write_audio(connection, audio.pcm, rate)
             if not failed:
                 if not audio_started:
                     rate = rate or service.native_rate(self.route)
@@ -141,15 +182,21 @@ class _Response:
                 metrics.count(service.name, "fallback" if worst_level else "ok")
             if self.streaming:
                 await connection.write(SynthesizeStopped().event())
-        except ConnectionError:
+        except (ConnectionError, ClientGone):
             _LOGGER.info("tts %s: client gone mid-answer", connection.peer)
 
-    @staticmethod
-    async def _write_audio(connection: Connection, pcm: bytes, rate: int) -> None:
+    async def _send(self, event: Event) -> None:
+        """Write from inside a voice's turn: a client gone is not the voice's failure."""
+        try:
+            await self.handler.connection.write(event)
+        except ConnectionError as error:
+            raise ClientGone() from error
+
+    async def _write_audio(self, pcm: bytes, rate: int) -> None:
         step = SAMPLES_PER_CHUNK * SAMPLE_WIDTH * CHANNELS
         for offset in range(0, len(pcm), step):
             chunk = AudioChunk(rate, SAMPLE_WIDTH, CHANNELS, pcm[offset : offset + step])
-            await connection.write(chunk.event())
+            await self._send(chunk.event())
 
 
 class TtsHandler(EventHandler):

@@ -14,9 +14,11 @@ voice answers as fast as the primary would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeaker
@@ -24,7 +26,7 @@ from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeake
 from .. import __version__
 from ..config import ConfigError, EngineLevel, TtsSettings
 from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
-from ..runtime.fallback import ChainResult, FallbackChain
+from ..runtime.fallback import ChainResult, FallbackChain, QualityRejected
 from ..runtime.limits import InFlight
 from ..runtime.registry import SystemSource, UnknownModel
 from ..runtime.server import Connection, EventHandler, ServiceContext, ServiceState, WyomingService
@@ -38,6 +40,7 @@ from .engines import (
     TtsEngine,
     VoiceInfo,
     check_audio,
+    check_duration,
 )
 from .kokoro import KokoroEngine, packaged_voice
 from .sentences import normalize
@@ -49,6 +52,13 @@ SMOKE_SENTENCES = {"fr": "Il est dix heures et demie.", "en": "It is half past t
 
 DEFAULT_RATE = 22050
 """Rate announced for an answer with no audio at all (empty text) when nothing else is known."""
+
+SPLIT_CACHE = ".vits-split"
+"""Under the registry's cache directory: Piper voices' graphs cut for chunked decoding
+(a dot folder, so the registry's scan of dropped-in models passes it by)."""
+
+AudioSink = Callable[[Audio, int], Awaitable[None]]
+"""Receives a segment's audio as it comes (a piece, the chain level that made it)."""
 
 
 class VoiceError(Exception):
@@ -87,10 +97,14 @@ class _Voice:
 
 
 def build_engine(
-    planned: PlannedLevel, settings: TtsSettings, workers: WorkerOptions | None = None
+    planned: PlannedLevel,
+    settings: TtsSettings,
+    workers: WorkerOptions | None = None,
+    split_dir: Path | None = None,
 ) -> TtsEngine:
     """The engine for one planned chain level (a Piper voice in a supervised worker,
-    espeak-ng, or a remote server)."""
+    espeak-ng, or a remote server). ``split_dir`` caches Piper graphs cut for chunked
+    decoding (``tts.chunked_decode``); None: Piper voices synthesize whole sentences."""
     level = planned.level
     options: dict[str, Any] = {}
     if planned.model is not None:
@@ -110,6 +124,7 @@ def build_engine(
             workers,
             PiperEngine,
             calls=("synthesize",),
+            streams=("synthesize_stream",),
             model_path=model.entry_path,
             name=spec.ref,
             quality=spec.quality,
@@ -117,6 +132,8 @@ def build_engine(
             speaker=None if speaker is None else str(speaker),
             length_scale=float(options.get("length_scale", 1.0)),
             warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
+            chunked=settings.chunked_decode,
+            split_dir=split_dir,
         )
         return piper
     if spec.kind == "kokoro":
@@ -135,9 +152,7 @@ def build_engine(
         )
         return kokoro
     if spec.kind == "espeak":
-        system_voice = next(
-            (s.voice for s in spec.sources if isinstance(s, SystemSource) and s.voice), ""
-        )
+        system_voice = next((s.voice for s in spec.sources if isinstance(s, SystemSource) and s.voice), "")
         voice = str(options.get("voice") or system_voice or (spec.languages or ("fr",))[0])
         return EspeakEngine(
             binary=model.entry_path,
@@ -184,6 +199,7 @@ class TtsService(WyomingService):
         self.voices: dict[str, _Voice] = {}
         shared: dict[tuple[str, str, str], TtsEngine] = {}
         workers = worker_options(context.settings)
+        split_dir = context.registry.cache_dir / SPLIT_CACHE
         for raw_language, levels in self.settings.voices.items():
             language = language_key(raw_language)
             plan = plan_chain(f"tts.voices.{raw_language}", levels, context.registry, context.gpu)
@@ -205,11 +221,14 @@ class TtsService(WyomingService):
                     # A French text read by an English voice is worse than an error.
                     _LOGGER.warning(
                         "tts: %s (%s) does not speak %r: left out of the %s chain",
-                        level_key, spec.ref, language, language,
+                        level_key,
+                        spec.ref,
+                        language,
+                        language,
                     )
                     continue
                 key = (voice_name(level), planned.device, repr(sorted(level.options.items())))
-                engine = shared.get(key) or build_engine(planned, self.settings, workers)
+                engine = shared.get(key) or build_engine(planned, self.settings, workers, split_dir)
                 shared[key] = engine
                 self._add_voice(level, language, len(engines), engine, installed=True)
                 engines.append(engine)
@@ -224,8 +243,13 @@ class TtsService(WyomingService):
             )
 
     def _add_voice(
-        self, level: EngineLevel, language: str, index: int | None, engine: TtsEngine | None,
-        *, installed: bool,
+        self,
+        level: EngineLevel,
+        language: str,
+        index: int | None,
+        engine: TtsEngine | None,
+        *,
+        installed: bool,
     ) -> None:
         name = voice_name(level)
         existing = self.voices.get(name)
@@ -233,8 +257,12 @@ class TtsService(WyomingService):
             if language not in existing.info.languages:
                 info = existing.info
                 existing.info = VoiceInfo(
-                    info.name, (*info.languages, language), info.description,
-                    info.attribution_name, info.attribution_url, info.version,
+                    info.name,
+                    (*info.languages, language),
+                    info.description,
+                    info.attribution_name,
+                    info.attribution_url,
+                    info.version,
                     info.installed or installed,
                 )
             return
@@ -254,7 +282,9 @@ class TtsService(WyomingService):
             attribution, url = "remote server", level.remote
         self.voices[name] = _Voice(
             VoiceInfo(name, languages, description, attribution, url, version, installed),
-            language, index, engine,
+            language,
+            index,
+            engine,
         )
 
     # -- WyomingService --------------------------------------------------------------
@@ -311,7 +341,9 @@ class TtsService(WyomingService):
             )
         program = TtsProgram(
             name="superwhisper-tts",
-            attribution=Attribution(name="wyoming-superwhisper", url="https://pypi.org/project/wyoming-superwhisper/"),
+            attribution=Attribution(
+                name="wyoming-superwhisper", url="https://pypi.org/project/wyoming-superwhisper/"
+            ),
             installed=True,
             description="French-first TTS: Piper voices, espeak-ng fallback, sentence streaming",
             version=__version__,
@@ -358,25 +390,52 @@ class TtsService(WyomingService):
         return DEFAULT_RATE
 
     async def speak(
-        self, route: Route, text: str, options: SynthesisOptions
+        self, route: Route, text: str, options: SynthesisOptions, sink: AudioSink | None = None
     ) -> ChainResult[Audio] | None:
         """One segment through the route's chain, normalized for its language; None if empty.
+
+        With a ``sink``, the accepted audio goes there: a voice that streams
+        (Piper with ``tts.chunked_decode``) hands over each piece as it is decoded,
+        after its duration passed the gate; any other voice's audio goes whole once
+        accepted. Streamed audio the gate rejects at the end (silence) cannot be
+        taken back: the next level then speaks the segment after it.
 
         Raises :class:`~wyoming_superwhisper.runtime.fallback.AllLevelsFailed`.
         """
         spoken = normalize(text, route.language)
         if not any(ch.isalnum() for ch in spoken):
             return None
+        streamed: set[int] = set()
 
         def gate(audio: Audio) -> str | None:
             return check_audio(audio, spoken, options.length_scale)
 
         async def call(engine: TtsEngine) -> Audio:
-            return await engine.synthesize(spoken, options)
+            stream = getattr(engine, "synthesize_stream", None)
+            if sink is None or not self.settings.chunked_decode or not callable(stream):
+                return await engine.synthesize(spoken, options)
+            level = route.chain.engines.index(engine)
+            pieces: list[bytes] = []
+            rate = 0
+            async with contextlib.aclosing(stream(spoken, options)) as parts:
+                async for part in parts:
+                    if not pieces:
+                        rate = part.audio.rate
+                        seconds = part.expected_samples / max(rate, 1)
+                        reason = check_duration(seconds, spoken, options.length_scale)
+                        if reason is not None:
+                            raise QualityRejected(reason)
+                    pieces.append(part.audio.pcm)
+                    streamed.add(level)
+                    await sink(part.audio, level)
+            return Audio(b"".join(pieces), rate, engine.name)
 
         depth = self.context.metrics.queue_depth.labels(self.name)
         depth.inc()  # segments in the voices' hands (one speaking per voice, the rest waiting)
         try:
-            return await route.chain.run(call, quality_gate=gate, levels=route.levels)
+            result = await route.chain.run(call, quality_gate=gate, levels=route.levels)
         finally:
             depth.dec()
+        if sink is not None and result.level not in streamed:
+            await sink(result.value, result.level)
+        return result
