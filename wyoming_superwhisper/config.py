@@ -137,7 +137,17 @@ class AsrSettings:
     max_seconds: float = 30.0
     """Longest utterance accepted, in seconds of audio."""
     endpointing_s: float = 0.0
-    """Silence after speech that ends the utterance server-side, in seconds; 0: wait for audio-stop."""
+    """Silence after speech that ends the utterance server-side, in seconds; 0: wait for audio-stop.
+    With ``endpointing: semantic`` it is the longest silence waited for an unfinished sentence."""
+    endpointing: Literal["fixed", "semantic"] = "semantic"
+    """How the server ends an utterance when it endpoints (``endpointing_s > 0``): ``fixed``
+    after ``endpointing_s`` of silence; ``semantic``: as soon as a pause of ``turn_pause_s``
+    follows a finished sentence (Smart Turn v3.2 + text cues, ``asr/turn.py``), else as fixed."""
+    turn_pause_s: float = 0.2
+    """Semantic endpointing: the pause after which the sentence is judged (and decoded), in seconds."""
+    turn_threshold: float = 0.5
+    """Semantic endpointing: Smart Turn's probability at or above which the turn is over
+    (lower, ``asr.turn.COMMAND_THRESHOLD``, for a transcript that is a whole Home Assistant command)."""
     speculative_pause_s: float = 0.3
     """Pause after speech that starts a speculative decode, in seconds; 0: off."""
     vad_threshold: float = 0.5

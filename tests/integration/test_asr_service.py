@@ -22,13 +22,13 @@ from typing import Any
 import jiwer
 import numpy as np
 import pytest
-import pytest_asyncio
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe, Info
 
 from tests.conftest import HangsUpAfter, make_context, make_settings, requires_espeak
+from tests.integration.conftest import SharedEngine
 from wyoming_superwhisper.asr.client import Exchange, pcm_bytes, transcribe
 from wyoming_superwhisper.asr.engines import (
     FULL_WINDOW_FRAMES,
@@ -83,27 +83,6 @@ def wer(references: Sequence[str], hypotheses: Sequence[str | None]) -> float:
     return float(jiwer.wer([words(r) for r in references], [words(h or "") for h in hypotheses]))
 
 
-class SharedEngine:
-    """The module's loaded engine, lent to a test's service; closing it is a no-op."""
-
-    def __init__(self, inner: WhisperEngine) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.device = inner.device
-        self.quality = inner.quality
-        self.model_name = inner.model_name
-        self.languages = inner.languages
-
-    async def load(self) -> None:
-        await self.inner.load()
-
-    async def close(self) -> None:
-        """The module fixture closes the real engine."""
-
-    async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
-        return await self.inner.transcribe(request, cancel)
-
-
 class BrokenEngine:
     """A level whose model will not load (a corrupt file, a missing library)."""
 
@@ -146,22 +125,6 @@ class GatedEngine:
         self.entered.set()
         await self.gate.wait()
         return AsrResult(text="ouvert", language=request.language, engine=self.name)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def whisper() -> AsyncIterator[WhisperEngine]:
-    context = make_context()
-    resolved = context.registry.resolve("whisper-base")
-    engine = WhisperEngine(
-        resolved.entry_path,
-        model_name="whisper-base",
-        device="cpu",
-        compute_type="int8",
-        languages=resolved.spec.languages,
-    )
-    await engine.load()
-    yield engine
-    await engine.close()
 
 
 @contextlib.asynccontextmanager

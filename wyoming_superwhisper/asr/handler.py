@@ -13,6 +13,15 @@ decode yields text while audio still arrives; then ``transcript`` (the full
 text, what Home Assistant up to 2026.11 reads) and ``transcript-stop``. A
 chunk only ever extends the text already sent; the ``transcript`` is the
 authority when speech after a pause changed the reading.
+
+Semantic endpointing (``asr.endpointing: semantic`` with ``endpointing_s > 0``):
+at a pause of ``turn_pause_s`` the speculative decode starts and Smart Turn
+reads the audio beside it; when both are in, :class:`~.turn.TurnJudge` says
+whether the sentence is over. Over: the utterance ends there (a *cut*);
+not over: ``endpointing_s`` of silence still ends it. After a cut the stream
+goes on in a continuation utterance, whose audio starts at the end of the
+speech that was answered: a speaker who was not done gets a second
+``transcript`` with the rest, no word lost.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from ..runtime.limits import ProtocolViolation, finite_number
 from ..runtime.server import Connection, EventHandler
 from .engines import AsrRequest
 from .service import AsrService, Decoded, QueueFull
-from .vad import SpeechSpan, SpeechTracker, VadEvent, VadStream
+from .turn import PRE_SPEECH_S, WINDOW_SAMPLES
+from .vad import FRAME_SAMPLES, SpeechSpan, SpeechTracker, VadEvent, VadStream
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,6 +76,8 @@ class _Speculation:
     span: SpeechSpan
     task: asyncio.Task[Decoded]
     cancel: threading.Event
+    turn: asyncio.Task[float] | None = None
+    """Smart Turn's probability for the audio up to this pause, computed beside the decode."""
 
 
 @dataclass
@@ -85,6 +97,12 @@ class _Utterance:
     reused: Decoded | None = None
     """The speculative decode that became the answer, if one did."""
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    offset: int = 0
+    """Samples of the stream before this utterance's audio (a continuation after a cut)."""
+    previous: _Utterance | None = None
+    """The utterance a semantic cut answered, when this one continues its stream."""
+    continuation: _Utterance | None = None
+    """Where the stream went on after this utterance was cut."""
 
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -130,13 +148,42 @@ class AsrHandler(EventHandler):
 
     # --- audio ---------------------------------------------------------------------------
 
-    def _new_utterance(self, converter: AudioConverter | None) -> _Utterance:
+    @property
+    def _semantic(self) -> bool:
+        """The server ends utterances itself and judges the sentence at each short pause."""
+        return self.service.turn is not None and self.settings.endpointing_s > 0
+
+    @property
+    def _pause_s(self) -> float:
+        return self.settings.turn_pause_s if self._semantic else self.settings.speculative_pause_s
+
+    def _new_utterance(self, converter: AudioConverter | None, vad: VadStream | None = None) -> _Utterance:
         tracker = SpeechTracker(
             self.settings.vad_threshold,
-            pause_s=self.settings.speculative_pause_s,
+            pause_s=self._pause_s,
             endpoint_s=self.settings.endpointing_s,
         )
-        return _Utterance(converter, self.service.vad.stream(), tracker)
+        return _Utterance(converter, vad if vad is not None else self.service.vad.stream(), tracker)
+
+    def _continue(self, utterance: _Utterance, *, back_to: int) -> _Utterance:
+        """The stream's next utterance, from sample ``back_to`` of ``utterance`` on.
+
+        Its tracker is fed silence up to where ``utterance``'s tracker is, so
+        frames stay aligned with the VAD stream, and audio since ``back_to``
+        (the pause, and a word that had just begun) is kept, not lost.
+        """
+        follower = self._new_utterance(utterance.converter, utterance.vad)
+        position = utterance.tracker.position
+        frames = max(0, position - back_to) // FRAME_SAMPLES
+        start = position - frames * FRAME_SAMPLES
+        for _ in range(frames):
+            follower.tracker.update(0.0)
+        self._append(follower, utterance.audio()[start:].copy())
+        follower.offset = utterance.offset + start
+        follower.previous = utterance if utterance.final is not None else utterance.previous
+        utterance.continuation = follower
+        self._utterance = follower
+        return follower
 
     @staticmethod
     def _converter(rate: int, width: int, channels: int) -> AudioConverter:
@@ -163,11 +210,13 @@ class AsrHandler(EventHandler):
             probabilities = await self.service.vad.probabilities(utterance.vad, samples)
         except EngineError as error:  # the VAD worker is down and did not come back in time
             raise ProtocolViolation("vad-failed", str(error)) from error
+        target: _Utterance | None = utterance
         for probability in probabilities:
-            for vad_event in utterance.tracker.update(probability):
-                await self._on_vad(utterance, vad_event)
-            if utterance.answered or utterance.final is not None:
+            target = _live(target)  # a cut while this ran moves the stream to its continuation
+            if target is None:
                 break
+            for vad_event in target.tracker.update(probability):
+                await self._on_vad(target, vad_event)
 
     def _append(self, utterance: _Utterance, samples: np.ndarray) -> None:
         if len(samples):
@@ -177,6 +226,11 @@ class AsrHandler(EventHandler):
     async def _append_checked(self, utterance: _Utterance, samples: np.ndarray) -> bool:
         self._append(utterance, samples)
         if utterance.samples <= self.settings.max_seconds * TARGET_RATE:
+            return True
+        if utterance.previous is not None and utterance.tracker.span is None:
+            # Nothing said since the cut: that silence is no request; keep listening from here.
+            utterance.answered = True
+            self._continue(utterance, back_to=utterance.tracker.position)
             return True
         if self.settings.endpointing_s > 0 and utterance.tracker.span is None:
             # The server ends the utterance (endpointing) and nobody spoke for asr.max_seconds:
@@ -202,10 +256,10 @@ class AsrHandler(EventHandler):
                 self.service.speculative_misses += 1
                 self.service.context.metrics.speculative.labels("miss").inc()
             self._drop_speculation(utterance)
-            await self.connection.write(VoiceStarted(timestamp=_ms(span.start)).event())
+            await self.connection.write(VoiceStarted(timestamp=_ms(utterance.offset + span.start)).event())
         elif vad_event is VadEvent.PAUSED:
-            await self.connection.write(VoiceStopped(timestamp=_ms(span.end)).event())
-            endpoint_now = 0 < self.settings.endpointing_s <= self.settings.speculative_pause_s
+            await self.connection.write(VoiceStopped(timestamp=_ms(utterance.offset + span.end)).event())
+            endpoint_now = 0 < self.settings.endpointing_s <= self._pause_s
             if not endpoint_now and self.service.can_speculate():
                 self._speculate(utterance, span)
         elif vad_event is VadEvent.ENDPOINT and utterance.final is None:
@@ -221,7 +275,16 @@ class AsrHandler(EventHandler):
         task = asyncio.create_task(
             self._speculative_decode(utterance, request, cancel), name="asr-speculative"
         )
-        utterance.speculation = _Speculation(span, task, cancel)
+        turn: asyncio.Task[float] | None = None
+        if self._semantic and self.service.turn is not None:
+            # Smart Turn hears the utterance up to now (as Pipecat feeds it: from 0.5 s before
+            # the speech), while Whisper decodes: the verdict waits for neither in turn.
+            end = utterance.tracker.position
+            start = max(0, span.start - int(PRE_SPEECH_S * TARGET_RATE), end - WINDOW_SAMPLES)
+            audio = utterance.audio()[start:end].copy()  # the model reads the last 8 s only
+            turn = asyncio.create_task(self.service.turn.audio_probability(audio), name="asr-turn")
+            turn.add_done_callback(_consume)
+        utterance.speculation = _Speculation(span, task, cancel, turn)
         _LOGGER.debug("asr %s: speculative decode of %.2f s", self.connection.peer, request.seconds)
 
     async def _speculative_decode(
@@ -240,7 +303,47 @@ class AsrHandler(EventHandler):
         ):
             with contextlib.suppress(ConnectionError):
                 await self._send_partial(utterance, decoded.result.text, decoded.result.language)
+            if speculation.turn is not None:
+                self._spawn(utterance, self._judge_turn(utterance, speculation, decoded))
         return decoded
+
+    async def _judge_turn(self, utterance: _Utterance, speculation: _Speculation, decoded: Decoded) -> None:
+        """Semantic endpointing: end the utterance now if the sentence is over."""
+        judge = self.service.turn
+        assert judge is not None
+        language = decoded.result.language or self._language()
+        names = (*self._options.names, *self.service.names_hints())
+        verdict = await judge.judge(
+            decoded.result.text,
+            language,
+            probability=speculation.turn,
+            names=names,
+            avg_logprob=decoded.result.avg_logprob,
+        )
+        decisions = self.service.context.metrics.endpoint_decisions
+        current = (
+            utterance.speculation is speculation
+            and not speculation.cancel.is_set()
+            and not utterance.answered
+            and utterance.final is None
+        )
+        decision = "stale" if not current else "complete" if verdict.complete else "incomplete"
+        decisions.labels(decision, verdict.reason).inc()
+        _LOGGER.debug(
+            "asr %s: turn %s (%s, p=%s, text %s, %.0f ms): %r",
+            self.connection.peer,
+            decision,
+            verdict.reason,
+            "-" if verdict.probability is None else f"{verdict.probability:.2f}",
+            verdict.cue.value,
+            verdict.seconds * 1000,
+            decoded.result.text,
+        )
+        if decision != "complete":
+            return
+        span = speculation.span
+        utterance.final = self._spawn(utterance, self._finish(utterance, "semantic", time.monotonic()))
+        self._continue(utterance, back_to=span.end)
 
     def _drop_speculation(self, utterance: _Utterance) -> None:
         speculation = utterance.speculation
@@ -250,6 +353,8 @@ class AsrHandler(EventHandler):
         speculation.cancel.set()
         speculation.task.cancel()
         speculation.task.add_done_callback(_consume)
+        if speculation.turn is not None:
+            speculation.turn.cancel()
 
     # --- answers ---------------------------------------------------------------------------
 
@@ -261,6 +366,8 @@ class AsrHandler(EventHandler):
         if utterance.final is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await utterance.final  # the endpoint already answered or is answering
+        elif utterance.previous is not None and utterance.tracker.span is None:
+            await _answered(utterance.previous)  # a cut answered it all; nothing said since
         elif not utterance.answered:
             if utterance.converter is not None:
                 self._append(utterance, utterance.converter.flush())
@@ -291,6 +398,8 @@ class AsrHandler(EventHandler):
         text = decoded.result.text if decoded is not None else ""
         if decoded is not None:
             language = decoded.result.language or language
+        if utterance.previous is not None:
+            await _answered(utterance.previous)  # transcripts go out in the order they were said
         utterance.answered = True
         try:
             await self._send_partial(utterance, text, language)
@@ -303,6 +412,7 @@ class AsrHandler(EventHandler):
         level = decoded.level if decoded is not None else 0
         metrics.count(self.service.name, "fallback" if decoded is not None and decoded.fell_back else "ok")
         stage = "audio_stop_to_transcript" if reason == "audio-stop" else "endpoint_to_transcript"
+        # (a semantic cut counts as an endpoint: from the verdict to the transcript)
         metrics.observe(self.service.name, stage, time.monotonic() - started, level)
         with contextlib.suppress(ConnectionError):
             await self.connection.write(TranscriptStop().event())
@@ -351,7 +461,7 @@ class AsrHandler(EventHandler):
     def _request(self, utterance: _Utterance, span: SpeechSpan) -> AsrRequest:
         audio = utterance.audio()
         start = max(0, span.start - int(PAD_BEFORE_S * TARGET_RATE))
-        pad_after = min(PAD_AFTER_S, self.settings.speculative_pause_s or PAD_AFTER_S)
+        pad_after = min(PAD_AFTER_S, self._pause_s or PAD_AFTER_S)
         end = min(len(audio), span.end + int(pad_after * TARGET_RATE))
         return AsrRequest(
             audio=audio[start:end].copy(),
@@ -377,8 +487,23 @@ class AsrHandler(EventHandler):
         """Forget the current utterance and stop its work (new request or client gone)."""
         utterance = self._utterance
         self._utterance = None
-        if utterance is not None:
+        while utterance is not None:  # and the cut ones whose answers may still be on their way
             self._cancel_tasks(utterance)
+            utterance = utterance.previous
+
+
+def _live(utterance: _Utterance | None) -> _Utterance | None:
+    """The utterance that now takes the stream's frames: ``utterance`` or its continuation."""
+    while utterance is not None and (utterance.answered or utterance.final is not None):
+        utterance = utterance.continuation
+    return utterance
+
+
+async def _answered(utterance: _Utterance) -> None:
+    """Wait until a cut utterance's answer is out (or was given up)."""
+    if utterance.final is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(utterance.final)
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -42,6 +42,7 @@ from .engines import (
 )
 from .hass import HassNames
 from .numbers import to_digits
+from .turn import TurnJudge, build_turn_judge
 from .vad import SileroVad
 
 _LOGGER = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class AsrService(WyomingService):
         if self.vad.worker is not None:
             metrics = context.metrics
             self.vad.worker.watch_crashes(lambda cause: metrics.on_crash("asr", "silero-vad", "vad", cause))
+        self.turn: TurnJudge | None = build_turn_judge(context)
+        """Semantic endpointing's judge (``asr/turn.py``); None: fixed endpoint or none."""
         self.hass = (
             HassNames(
                 self.settings.hass_url, self.settings.hass_token, refresh_s=self.settings.hass_refresh_s
@@ -208,6 +211,8 @@ class AsrService(WyomingService):
 
     async def start(self) -> None:
         await self.vad.start()
+        if self.turn is not None:
+            await self.turn.start()
         if self.hass is not None:
             self.hass.start()
         await super().start()
@@ -217,6 +222,8 @@ class AsrService(WyomingService):
             await self.hass.stop()
         await super().stop()
         await self.vad.stop()
+        if self.turn is not None:
+            await self.turn.close()
 
     def readiness(self) -> tuple[bool, str]:
         ready, reason = super().readiness()

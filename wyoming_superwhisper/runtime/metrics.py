@@ -111,6 +111,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.endpoint_decisions = Counter(
+            "superwhisper_asr_endpoint_decisions_total",
+            "Semantic endpointing verdicts at a pause: complete (answered at once), incomplete "
+            "(waiting, up to asr.endpointing_s), stale (speech resumed before the verdict)",
+            ["decision", "reason"],
+            registry=r,
+        )
         self.local_intents = Counter(
             "superwhisper_handle_local_intents_total",
             "Home requests answered from Home Assistant's sentence templates without a model, by "

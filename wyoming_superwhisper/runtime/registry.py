@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-KINDS = ("whisper", "llm", "piper", "kokoro", "espeak")
+KINDS = ("whisper", "llm", "piper", "kokoro", "espeak", "turn")
 LOCAL_PREFIX = "local:"
 """Refs of models found in a search root that the catalog does not list."""
 MODELS_DIR_ENV = "SUPERWHISPER_MODELS_DIR"

@@ -1,0 +1,371 @@
+"""Endpointing: fixed silence versus semantic (Smart Turn v3.2 + text cues), side by side.
+
+One ASR service per mode (whisper-base int8 on the CPU, beam 5, Silero in
+process, Smart Turn in its worker), the same ``asr.endpointing_s`` (the fixed
+endpoint, and the semantic mode's longest wait), the same espeak-ng audio
+streamed in real time in 20 ms chunks without ``audio-stop``, and the home's
+names as transcription hints (what ``asr.hass_url`` gives). Two sets:
+
+* complete commands (10 French, 5 English), speech then silence: latency
+  from the end of speech (its last sample sent) to the ``transcript``, p50/p95;
+* sentences with a pause in the middle (10 French, 5 English), made from
+  espeak-ng's comma pause stretched to ``--pause`` seconds, so the words
+  before it keep an unfinished intonation: a *false cut-off* is a transcript
+  that arrives before the words after the pause were sent.
+
+Also the cost of one Smart Turn verdict: the model in process and through
+its worker (``server.engine_workers``), p50 over 30 runs.
+
+    flock /tmp/heavy.lock .venv/bin/python bench/endpointing_bench.py
+
+Results go to ``bench/results/endpointing-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import wyoming.audio  # noqa: F401  (audioop is deprecated; harmless here)
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk, AudioStart
+from wyoming.client import AsyncTcpClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wyoming_superwhisper.asr.client import pcm_bytes  # noqa: E402
+from wyoming_superwhisper.asr.service import AsrService  # noqa: E402
+from wyoming_superwhisper.asr.turn import SMART_TURN_REF, SmartTurnModel  # noqa: E402
+from wyoming_superwhisper.audio import AudioConverter  # noqa: E402
+from wyoming_superwhisper.config import Settings, load_settings  # noqa: E402
+from wyoming_superwhisper.runtime.gpu import choose_gpu  # noqa: E402
+from wyoming_superwhisper.runtime.metrics import Metrics  # noqa: E402
+from wyoming_superwhisper.runtime.registry import ModelRegistry  # noqa: E402
+from wyoming_superwhisper.runtime.server import ServiceContext, ServiceServer  # noqa: E402
+from wyoming_superwhisper.runtime.worker import WorkerOptions, supervised  # noqa: E402
+
+_LOGGER = logging.getLogger("endpointing_bench")
+RATE = 16000
+COMPLETE = [
+    ("fr", "Allume la lumière du salon."),
+    ("fr", "Ferme la porte du garage."),
+    ("fr", "Éteins la cuisine."),
+    ("fr", "Quelle heure est-il ?"),
+    ("fr", "Mets un minuteur de cinq minutes."),
+    ("fr", "Ouvre les volets de la chambre."),
+    ("fr", "Quelle est la météo pour demain ?"),
+    ("fr", "Baisse le chauffage du bureau."),
+    ("fr", "Oui."),
+    ("fr", "Quelle est la capitale de la France ?"),
+    ("en", "Turn on the kitchen lights."),
+    ("en", "Close the garage door."),
+    ("en", "What time is it?"),
+    ("en", "Set a timer for five minutes."),
+    ("en", "Yes."),
+]
+PAUSED = [
+    ("fr", "Allume la lumière", "du salon."),
+    ("fr", "Mets un minuteur de", "cinq minutes."),
+    ("fr", "Ferme la porte du", "garage."),
+    ("fr", "Ouvre les volets de", "la chambre."),
+    ("fr", "Quelle est la météo pour", "demain ?"),
+    ("fr", "Baisse le chauffage du", "bureau."),
+    ("fr", "Éteins la lampe de", "la cuisine."),
+    ("fr", "Quelle est la capitale de", "la France ?"),
+    ("fr", "Règle le thermostat à", "vingt degrés."),
+    ("fr", "Allume la lampe et", "ferme les volets."),
+    ("en", "Turn on the", "living room lamp."),
+    ("en", "Set a timer for", "five minutes."),
+    ("en", "What is the weather like", "tomorrow?"),
+    ("en", "Close the garage door and", "turn off the lights."),
+    ("en", "Turn off the lights in", "the kitchen."),
+]
+NAMES = [
+    "lumière du salon",
+    "salon",
+    "cuisine",
+    "chambre",
+    "bureau",
+    "porte du garage",
+    "volets de la chambre",
+    "lampe de la cuisine",
+    "chauffage du bureau",
+    "thermostat",
+    "kitchen lights",
+    "garage door",
+    "living room lamp",
+    "kitchen",
+]
+"""The home's entity and area names, given as hints as Home Assistant's would be."""
+
+
+def espeak(text: str, voice: str) -> np.ndarray:
+    """espeak-ng speech as int16 at 16 kHz, its own leading/trailing silence cut."""
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise SystemExit("espeak-ng is needed (Debian package espeak-ng)")
+    raw = subprocess.run([binary, "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
+    index = raw.find(b"data")
+    fmt = raw.find(b"fmt ")
+    channels = int.from_bytes(raw[fmt + 10 : fmt + 12], "little")
+    rate = int.from_bytes(raw[fmt + 12 : fmt + 16], "little")
+    width = int.from_bytes(raw[fmt + 22 : fmt + 24], "little") // 8
+    converter = AudioConverter(rate, width, channels)
+    samples = np.concatenate([converter.convert(raw[index + 8 :]), converter.flush()])
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 300)
+    return pcm[loud[0] : loud[-1] + 1]
+
+
+def paused(before: str, after: str, voice: str, pause_s: float) -> tuple[np.ndarray, int]:
+    """``before, after`` as one sentence, its comma pause stretched; and where ``after`` starts."""
+    whole = espeak(f"{before}, {after}", voice)
+    loud = np.flatnonzero(np.abs(whole.astype(np.int32)) > 300)
+    gap = int(np.argmax(np.diff(loud)))
+    head, tail = whole[: loud[gap] + 1], whole[loud[gap + 1] :]
+    return np.concatenate([head, np.zeros(int(pause_s * RATE), np.int16), tail]), len(head) + int(
+        pause_s * RATE
+    )
+
+
+def settings_for(mode: str, endpointing_s: float, turn_pause_s: float = 0.2) -> Settings:
+    return load_settings(
+        environ={},
+        overrides={
+            "models.environment": "test",
+            "asr.uri": "tcp://127.0.0.1:0",
+            "asr.endpointing_s": endpointing_s,
+            "asr.endpointing": mode,
+            "asr.turn_pause_s": turn_pause_s,
+            "asr.beam_size": 5,
+            "asr.chain": [{"model": "whisper-base", "device": "cpu", "options": {"compute_type": "int8"}}],
+            "zeroconf.enabled": False,
+            "metrics.enabled": False,
+        },
+    )
+
+
+async def stream(port: int, audio: np.ndarray, language: str) -> tuple[float, float, str]:
+    """Real-time stream without audio-stop; (start time, transcript time, text)."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        arrived: list[tuple[float, str]] = []
+
+        async def read() -> None:
+            while True:
+                event = await client.read_event()
+                if event is None:
+                    return
+                if Transcript.is_type(event.type):
+                    arrived.append((time.monotonic(), Transcript.from_event(event).text))
+                if event.type in ("transcript-stop", "error"):
+                    return
+
+        reader = asyncio.create_task(read())
+        await client.write_event(Transcribe(language=language, transcript_names=NAMES).event())
+        await client.write_event(AudioStart(rate=RATE, width=2, channels=1).event())
+        payload = pcm_bytes(audio)
+        step = RATE // 50 * 2
+        started = time.monotonic()
+        for index, offset in enumerate(range(0, len(payload), step)):
+            if reader.done():
+                break
+            chunk = AudioChunk(rate=RATE, width=2, channels=1, audio=payload[offset : offset + step])
+            await client.write_event(chunk.event())
+            await asyncio.sleep(max(0.0, started + (index + 1) * 0.02 - time.monotonic()))
+        await asyncio.wait_for(reader, 60)
+    if not arrived:
+        return started, float("nan"), ""
+    return started, arrived[0][0], arrived[0][1]
+
+
+def decisions(metrics: Metrics) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for metric in metrics.endpoint_decisions.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                key = f"{sample.labels['decision']}:{sample.labels['reason']}"
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values), q))
+
+
+async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -> dict[str, Any]:
+    settings = settings_for(mode, args.endpointing, args.turn_pause)
+    metrics = Metrics(CollectorRegistry())
+    context = ServiceContext(
+        settings, ModelRegistry.from_settings(settings), choose_gpu(None, settings.gpu), metrics
+    )
+    service = AsrService(context)
+    server = ServiceServer(service)
+    await service.start()
+    await server.start()
+    port = server.port or 0
+    complete_rows: list[dict[str, Any]] = []
+    paused_rows: list[dict[str, Any]] = []
+    try:
+        await stream(port, audio["warm"], "fr")  # first decode pays CTranslate2's warm-up
+        for (language, text), (speech, lead) in zip(COMPLETE, audio["complete"], strict=True):
+            clip = np.concatenate([np.zeros(lead, np.int16), speech, np.zeros(int(3.0 * RATE), np.int16)])
+            started, at, heard = await stream(port, clip, language)
+            latency = at - (started + (lead + len(speech)) / RATE)
+            complete_rows.append({"language": language, "text": text, "heard": heard, "latency_s": latency})
+            _LOGGER.info("%s complete %-40s %.3f s  %r", mode, text, latency, heard)
+        before_paused = decisions(metrics)
+        for (language, before, after), (sentence, resume, lead) in zip(PAUSED, audio["paused"], strict=True):
+            clip = np.concatenate([np.zeros(lead, np.int16), sentence, np.zeros(int(3.0 * RATE), np.int16)])
+            started, at, heard = await stream(port, clip, language)
+            resumed_at = started + (lead + resume) / RATE
+            cut = bool(at < resumed_at)
+            paused_rows.append(
+                {
+                    "language": language,
+                    "text": f"{before}… {after}",
+                    "heard": heard,
+                    "false_cut": cut,
+                    "transcript_after_end_s": at - (started + (lead + len(sentence)) / RATE),
+                }
+            )
+            _LOGGER.info("%s paused %-45s cut=%s %r", mode, f"{before}… {after}", cut, heard)
+        after_paused = decisions(metrics)
+    finally:
+        await server.stop(2.0)
+        await service.stop()
+    latencies = [row["latency_s"] for row in complete_rows]
+    cuts = [row["false_cut"] for row in paused_rows]
+    by_language = {
+        language: {
+            "complete_p50_s": percentile(
+                [r["latency_s"] for r in complete_rows if r["language"] == language], 50
+            ),
+            "false_cuts": sum(r["false_cut"] for r in paused_rows if r["language"] == language),
+            "paused_count": sum(1 for r in paused_rows if r["language"] == language),
+        }
+        for language in ("fr", "en")
+    }
+    return {
+        "endpointing": mode,
+        "endpointing_s": args.endpointing,
+        "turn_pause_s": args.turn_pause if mode == "semantic" else None,
+        "complete": {
+            "count": len(latencies),
+            "p50_s": percentile(latencies, 50),
+            "p95_s": percentile(latencies, 95),
+            "mean_s": statistics.fmean(latencies),
+            "target_p50_s": 0.35,
+            "rows": complete_rows,
+        },
+        "paused": {
+            "count": len(cuts),
+            "pause_s": args.pause,
+            "false_cuts": sum(cuts),
+            "false_cut_rate": sum(cuts) / len(cuts),
+            "target_rate": 0.02,
+            "rows": paused_rows,
+        },
+        "by_language": by_language,
+        "decisions_complete_set": before_paused,
+        "decisions_all": after_paused,
+    }
+
+
+async def smart_turn_cost(runs: int = 30) -> dict[str, Any]:
+    """p50 of one Smart Turn probability: in process, and through a supervised worker."""
+    settings = settings_for("semantic", 0.8)
+    path = str(ModelRegistry.from_settings(settings).resolve(SMART_TURN_REF).entry_path)
+    rng = np.random.default_rng(3)
+    audio = (rng.standard_normal(3 * RATE) * 0.05).astype(np.float32)
+    results: dict[str, Any] = {}
+    local = SmartTurnModel(path)
+    await local.load()
+    worker = supervised(WorkerOptions(), SmartTurnModel, path, calls=("probability",))
+    await worker.load()
+    try:
+        for name, model in (("in_process", local), ("worker", worker)):
+            await model.probability(audio)
+            times = []
+            for _ in range(runs):
+                begun = time.perf_counter()
+                await model.probability(audio)
+                times.append(time.perf_counter() - begun)
+            results[f"{name}_p50_ms"] = 1000 * statistics.median(times)
+    finally:
+        await worker.close()
+        await local.close()
+    return results
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    lead = int(0.3 * RATE)
+    audio = {
+        "warm": np.concatenate(
+            [np.zeros(lead, np.int16), espeak("Bonjour.", "fr"), np.zeros(2 * RATE, np.int16)]
+        ),
+        "complete": [(espeak(text, language), lead) for language, text in COMPLETE],
+        "paused": [
+            (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
+        ],
+    }
+    modes = {}
+    for mode in ("fixed", "semantic"):
+        modes[mode] = await run_mode(mode, args, audio)
+    cost = await smart_turn_cost()
+    return {
+        "bench": "endpointing",
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "asr": "whisper-base int8 CPU, beam 5; espeak-ng audio streamed in real time, 20 ms chunks",
+        "modes": modes,
+        "smart_turn_cost": cost,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--endpointing", type=float, default=0.8, help="asr.endpointing_s for both modes")
+    parser.add_argument("--pause", type=float, default=0.6, help="the pause inside the paused sentences, s")
+    parser.add_argument("--turn-pause", type=float, default=0.2, help="asr.turn_pause_s (semantic mode)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("wyoming_superwhisper").setLevel(logging.WARNING)
+    results = asyncio.run(main_async(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"endpointing-{results['date']}.json"
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    for mode, data in results["modes"].items():
+        complete = data["complete"]
+        print(
+            f"{mode:9s} complete p50 {complete['p50_s']:.3f} s (p95 {complete['p95_s']:.3f}); "
+            f"false cut-offs {data['paused']['false_cuts']}/{data['paused']['count']} "
+            f"({100 * data['paused']['false_cut_rate']:.0f} %); by language {data['by_language']}"
+        )
+    print(f"smart turn: {results['smart_turn_cost']}")
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
