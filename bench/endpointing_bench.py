@@ -2,21 +2,26 @@
 
 One ASR service per mode (whisper-base int8 on the CPU, beam 5, Silero in
 process, Smart Turn in its worker), the same ``asr.endpointing_s`` (the fixed
-endpoint, and the semantic mode's longest wait), the same espeak-ng audio
-streamed in real time in 20 ms chunks without ``audio-stop``, and the home's
-names as transcription hints (what ``asr.hass_url`` gives). Two sets:
+endpoint, and the semantic mode's longest wait), the same audio streamed in
+real time in 20 ms chunks without ``audio-stop``, and the home's names as
+transcription hints (what ``asr.hass_url`` gives). The sets are said by our
+TTS's natural voices (``--voice natural``, default: Kokoro ff_siwis in French,
+Piper joe in English, standing in for a person) or by espeak-ng (``--voice
+espeak``: whisper-base garbles its French, and doubts it). Two sets:
 
 * complete commands (10 French, 5 English), speech then silence: latency
   from the end of speech (its last sample sent) to the ``transcript``, p50/p95;
-* sentences with a pause in the middle (10 French, 5 English), made from
-  espeak-ng's comma pause stretched to ``--pause`` seconds, so the words
-  before it keep an unfinished intonation: a *false cut-off* is a transcript
-  that arrives before the words after the pause were sent.
+* sentences with a pause in the middle (10 French, 5 English): the natural
+  voices say the words before the pause with a trailing "…" (a hesitant,
+  unfinished ending) and the rest apart, ``--pause`` seconds of silence
+  between; espeak-ng's comma pause is stretched to ``--pause`` instead. A
+  *false cut-off* is a transcript that arrives before the words after the
+  pause were sent.
 
 Also the cost of one Smart Turn verdict: the model in process and through
 its worker (``server.engine_workers``), p50 over 30 runs.
 
-    flock /tmp/heavy.lock .venv/bin/python bench/endpointing_bench.py
+    flock /tmp/heavy.lock .venv/bin/python -m bench.endpointing_bench [--turn-pause 0.2,0.1] [--voice espeak]
 
 Results go to ``bench/results/endpointing-<date>.json``.
 """
@@ -33,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -137,13 +143,7 @@ def espeak(text: str, voice: str) -> np.ndarray:
 
 def paused(before: str, after: str, voice: str, pause_s: float) -> tuple[np.ndarray, int]:
     """``before, after`` as one sentence, its comma pause stretched; and where ``after`` starts."""
-    whole = espeak(f"{before}, {after}", voice)
-    loud = np.flatnonzero(np.abs(whole.astype(np.int32)) > 300)
-    gap = int(np.argmax(np.diff(loud)))
-    head, tail = whole[: loud[gap] + 1], whole[loud[gap + 1] :]
-    return np.concatenate([head, np.zeros(int(pause_s * RATE), np.int16), tail]), len(head) + int(
-        pause_s * RATE
-    )
+    return stretch_pause(espeak(f"{before}, {after}", voice), pause_s)
 
 
 def settings_for(mode: str, endpointing_s: float, turn_pause_s: float = 0.2) -> Settings:
@@ -213,7 +213,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -> dict[str, Any]:
-    settings = settings_for(mode, args.endpointing, args.turn_pause)
+    settings = settings_for(mode, args.endpointing, getattr(args, "current_turn_pause", 0.2))
     metrics = Metrics(CollectorRegistry())
     context = ServiceContext(
         settings, ModelRegistry.from_settings(settings), choose_gpu(None, settings.gpu), metrics
@@ -268,7 +268,7 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
     return {
         "endpointing": mode,
         "endpointing_s": args.endpointing,
-        "turn_pause_s": args.turn_pause if mode == "semantic" else None,
+        "turn_pause_s": getattr(args, "current_turn_pause", None) if mode == "semantic" else None,
         "complete": {
             "count": len(latencies),
             "p50_s": percentile(latencies, 50),
@@ -317,26 +317,69 @@ async def smart_turn_cost(runs: int = 30) -> dict[str, Any]:
     return results
 
 
+def stretch_pause(whole: np.ndarray, pause_s: float) -> tuple[np.ndarray, int]:
+    """``whole`` with its longest inner silence (espeak-ng's comma) made ``pause_s`` long;
+    and where speech resumes."""
+    loud = np.flatnonzero(np.abs(whole.astype(np.int32)) > 300)
+    gap = int(np.argmax(np.diff(loud)))
+    head, tail = whole[: loud[gap] + 1], whole[loud[gap + 1] :]
+    silence = np.zeros(int(pause_s * RATE), np.int16)
+    return np.concatenate([head, silence, tail]), len(head) + len(silence)
+
+
+async def natural_speech(args: argparse.Namespace) -> dict[str, Any]:
+    """The sets said by our TTS's natural voices (Kokoro French, Piper joe English)."""
+    from bench.e2e_bench import free_port, server
+    from bench.first_answer_bench import speak, tts_command
+
+    lead = int(0.3 * RATE)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="endpointing-bench-") as logs:
+        async with server("tts", tts_command(port), port, Path(logs)):
+            warm = await speak(port, "Bonjour.", "fr")
+            complete = [(await speak(port, text, language), lead) for language, text in COMPLETE]
+            paused_audio = []
+            for language, before, after in PAUSED:
+                # Said apart, the halves keep an exact seam: a natural voice barely pauses at a
+                # comma after "du", so no silence in the whole sentence marks where to stretch.
+                # "…" gives the first half a hesitant, unfinished ending.
+                head = await speak(port, f"{before}…", language)
+                tail = await speak(port, after, language)
+                silence = np.zeros(int(args.pause * RATE), np.int16)
+                paused_audio.append((np.concatenate([head, silence, tail]), len(head) + len(silence), lead))
+    return {
+        "warm": np.concatenate([np.zeros(lead, np.int16), warm, np.zeros(2 * RATE, np.int16)]),
+        "complete": complete,
+        "paused": paused_audio,
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     lead = int(0.3 * RATE)
-    audio = {
-        "warm": np.concatenate(
-            [np.zeros(lead, np.int16), espeak("Bonjour.", "fr"), np.zeros(2 * RATE, np.int16)]
-        ),
-        "complete": [(espeak(text, language), lead) for language, text in COMPLETE],
-        "paused": [
-            (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
-        ],
-    }
-    modes = {}
-    for mode in ("fixed", "semantic"):
-        modes[mode] = await run_mode(mode, args, audio)
+    if args.voice == "natural":
+        audio = await natural_speech(args)
+    else:
+        audio = {
+            "warm": np.concatenate(
+                [np.zeros(lead, np.int16), espeak("Bonjour.", "fr"), np.zeros(2 * RATE, np.int16)]
+            ),
+            "complete": [(espeak(text, language), lead) for language, text in COMPLETE],
+            "paused": [
+                (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
+            ],
+        }
+    modes = {"fixed": await run_mode("fixed", args, audio)}
+    for turn_pause in args.turn_pause:
+        args.current_turn_pause = turn_pause
+        modes[f"semantic@{turn_pause:g}"] = await run_mode("semantic", args, audio)
     cost = await smart_turn_cost()
+    voices = "Kokoro ff_siwis (fr), Piper joe (en)" if args.voice == "natural" else "espeak-ng"
     return {
         "bench": "endpointing",
         "date": datetime.date.today().isoformat(),
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-        "asr": "whisper-base int8 CPU, beam 5; espeak-ng audio streamed in real time, 20 ms chunks",
+        "asr": f"whisper-base int8 CPU, beam 5; {voices} speech streamed in real time, 20 ms chunks",
+        "voice": args.voice,
         "modes": modes,
         "smart_turn_cost": cost,
     }
@@ -346,14 +389,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--endpointing", type=float, default=0.8, help="asr.endpointing_s for both modes")
     parser.add_argument("--pause", type=float, default=0.6, help="the pause inside the paused sentences, s")
-    parser.add_argument("--turn-pause", type=float, default=0.2, help="asr.turn_pause_s (semantic mode)")
+    parser.add_argument(
+        "--turn-pause",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[0.2],
+        help="asr.turn_pause_s of the semantic mode; several (0.2,0.1) run one semantic mode each",
+    )
+    parser.add_argument(
+        "--voice",
+        choices=("natural", "espeak"),
+        default="natural",
+        help="who says the sets: our TTS's natural voices (Kokoro, Piper joe) or espeak-ng",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wyoming_superwhisper").setLevel(logging.WARNING)
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"endpointing-{results['date']}.json"
+    suffix = "" if args.voice == "natural" else "-espeak"
+    path = args.out / f"endpointing-{results['date']}{suffix}.json"
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     for mode, data in results["modes"].items():
         complete = data["complete"]

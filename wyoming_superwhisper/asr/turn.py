@@ -34,6 +34,7 @@ import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from typing import Any, Protocol
 
 import numpy as np
@@ -238,8 +239,8 @@ def trailing_cue(text: str, language: str) -> TextCue:
     stripped = text.strip()
     if not stripped:
         return TextCue.INCOMPLETE
-    if stripped.endswith(("...", "…", ",", "-", ";", ":")):
-        return TextCue.INCOMPLETE
+    if stripped.endswith(("...", "…", ",", "-", ";", ":", "*")):
+        return TextCue.INCOMPLETE  # "*": Whisper masks a word it heard cut off ("ferme la p***")
     tokens = _TOKEN_RE.findall(unicodedata.normalize("NFC", stripped).lower())
     if not tokens:
         return TextCue.INCOMPLETE
@@ -253,6 +254,18 @@ def trailing_cue(text: str, language: str) -> TextCue:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", unicodedata.normalize("NFC", text).lower())
+
+
+def _sounds_like(heard: tuple[str, ...], said: Sequence[str]) -> bool:
+    """Word by word the same, or within :data:`NAME_SIMILARITY` for words of 4+ letters:
+    whisper-base glues an elision on at a pause ("l'alumière" for "la lumière")."""
+    return len(heard) == len(said) and all(
+        a == b or (min(len(a), len(b)) >= 4 and SequenceMatcher(None, a, b).ratio() >= NAME_SIMILARITY)
+        for a, b in zip(heard, said, strict=True)
+    )
+
+
+NAME_SIMILARITY = 0.8
 
 
 def inside_a_name(text: str, names: Sequence[str]) -> bool:
@@ -273,7 +286,7 @@ def inside_a_name(text: str, names: Sequence[str]) -> bool:
         tail = tuple(words[-size:])
         if tail in whole:
             return False  # the last words are a whole name: the sentence can end here
-        if any(len(n) > size and tuple(n[:size]) == tail for n in named):
+        if any(len(n) > size and _sounds_like(tail, n[:size]) for n in named):
             starts_a_longer_name = True
     return starts_a_longer_name
 
