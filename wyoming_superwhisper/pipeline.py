@@ -84,6 +84,9 @@ class PipelineTimings:
 
     audio_seconds: float = 0.0
     """Length of the input speech."""
+    audio_started: float | None = None
+    """The first audio chunk was sent: with real-time pacing, where the audio's own
+    clock starts (a benchmark knows when the speech in it ends)."""
     speech_end: float | None = None
     """The last audio chunk was sent (or the ASR server ended the utterance itself)."""
     transcript: float | None = None
@@ -246,6 +249,7 @@ async def stream_transcribe(
 
     async def send_audio() -> None:
         started = time.monotonic()
+        timings.audio_started = clock.now()
         sent_samples = 0
         for offset in range(0, len(pcm), step):
             if finished.is_set():  # the server ended the utterance by itself (endpointing)

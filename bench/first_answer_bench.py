@@ -1,0 +1,262 @@
+"""French commands, end of speech → first answer audio, with the embedded models, per way of ending the turn.
+
+Issue #20's last target: a French command's answer starts ≤ 0.5 s after the
+speaker stops. The whole chain runs as separate servers on the embedded
+defaults (whisper-base int8, SmolLM2-135M, the Kokoro ``ff_siwis`` French
+voice), driven by ``wyoming_superwhisper.pipeline`` as a satellite would, and
+timed from the end of the speech *in the audio* (the first audio chunk's send
+time + the speech's offset; the audio is paced in real time), so every way of
+ending the turn is measured from the same instant:
+
+* ``semantic``: our ASR ends the turn itself (``asr.endpointing_s`` 0.8,
+  ``asr.endpointing: semantic``): the client streams until the transcript comes;
+* ``fixed``: our ASR ends it after 0.8 s of silence (``asr.endpointing: fixed``);
+* ``ha_vad``: Home Assistant's own VAD ends it: ``audio-stop`` 0.7 s after the
+  speech (``VadSensitivity.DEFAULT`` in ``assist_pipeline/vad.py``, 2025.4),
+  then our streamed chain;
+* ``peer`` (when ``bench/.venv-peer-asr`` is built, ``python -m bench.peers``):
+  chained as Home Assistant ≤ 2025.6 chains them: HA's VAD (0.7 s) →
+  wyoming-faster-whisper 3.8 → our handle read whole (``handled``) → one
+  ``synthesize`` to our TTS (no peer TTS speaks French here).
+
+The commands are spoken by our TTS's Kokoro voice (a natural voice stands in
+for a person: whisper-base garbles espeak-ng's French, and a garbled reading
+is a different request). Runs rotate the modes so drift weighs on each.
+
+    flock /tmp/heavy.lock .venv/bin/python -m bench.first_answer_bench [--rounds 3]
+
+Results go to ``bench/results/first-answer-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.tts import Synthesize, SynthesizeVoice
+
+from bench.e2e_bench import chained, free_port, ours_command, peer_asr_command, server, summary
+from bench.peers import PEERS
+from wyoming_superwhisper import pipeline
+from wyoming_superwhisper.config import load_settings
+from wyoming_superwhisper.runtime.registry import ModelRegistry
+from wyoming_superwhisper.tts.engines import Audio
+
+_LOGGER = logging.getLogger("first_answer_bench")
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = [
+    "Quelle est la capitale de la France ?",
+    "Bonjour, quelle heure est-il ?",
+    "Allume la lumière du salon.",
+    "Mets un minuteur de cinq minutes.",
+    "Quel temps fera-t-il demain ?",
+    "Raconte-moi une blague.",
+]
+LEAD_S = 0.3
+HA_SILENCE_S = 0.7
+"""Home Assistant's default VAD silence before it ends the speech-to-text stream."""
+SERVER_TAIL_S = 2.5
+"""Silence streamed after the speech when the server ends the turn (it stops the stream sooner)."""
+ENDPOINTING_S = 0.8
+TARGET_P50_S = 0.5
+
+
+async def speak(port: int, text: str, language: str = "fr") -> np.ndarray:
+    """Our TTS's voice for ``language`` saying ``text``, as 16 kHz int16, its own silences cut.
+
+    A natural voice (Kokoro in French, Piper joe in English) stands in for a person:
+    whisper-base garbles espeak-ng's French, and a garbled reading is another request.
+    """
+    parts: list[bytes] = []
+    rate = 0
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(Synthesize(text=text, voice=SynthesizeVoice(language=language)).event())
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 120)
+            if event is None or Error.is_type(event.type):
+                raise RuntimeError(f"our TTS could not say {text!r}: {event}")
+            if AudioStart.is_type(event.type):
+                rate = AudioStart.from_event(event).rate
+            elif AudioChunk.is_type(event.type):
+                parts.append(AudioChunk.from_event(event).audio)
+            elif AudioStop.is_type(event.type):
+                break
+    pcm = np.frombuffer(Audio(b"".join(parts), rate).resampled(16000).pcm, dtype="<i2")
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 300)
+    return pcm[loud[0] : loud[-1] + 1] if len(loud) else pcm
+
+
+def wav_with(speech: np.ndarray, tail_s: float, path: Path) -> float:
+    """``speech`` between LEAD_S and ``tail_s`` of silence, written as a WAV; where the speech ends."""
+    silence = np.zeros(int(LEAD_S * 16000), "<i2")
+    audio = np.concatenate([silence, speech, np.zeros(int(tail_s * 16000), "<i2")])
+    pipeline.write_wav(path, audio.tobytes(), 16000)
+    return LEAD_S + len(speech) / 16000
+
+
+def asr_command(port: int, cpu_threads: int, *settings: str) -> list[str]:
+    command = ours_command("asr", port, cpu_threads)
+    for setting in settings:
+        command += ["--set", setting]
+    return command
+
+
+def tts_command(port: int) -> list[str]:
+    """The TTS on the embedded defaults: French Kokoro ff_siwis, English Piper joe; espeak-ng behind."""
+    voices = json.dumps(
+        {
+            "fr": [{"model": "kokoro-ff_siwis"}, {"model": "espeak-fr"}],
+            "en": [{"model": "piper-joe"}, {"model": "espeak-en"}],
+        }
+    )
+    return [*ours_command("tts", port, 1), "--set", "tts.language=fr", "--set", f"tts.voices={voices}"]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = load_settings(environ={}, overrides={"models.environment": "test"})
+    registry = ModelRegistry.from_settings(settings)
+    work = Path(tempfile.mkdtemp(prefix="first-answer-bench-"))
+    peer = PEERS["asr"] if PEERS["asr"].installed() and not args.no_peers else None
+    modes = ["semantic", "fixed", "ha_vad", *(["peer"] if peer else [])]
+    ports = {name: free_port() for name in ("semantic", "fixed", "ha_vad", "handle", "tts", "peer")}
+    uri = {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()}
+    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    async with contextlib.AsyncExitStack() as stack:
+        endpointing = f"asr.endpointing_s={ENDPOINTING_S}"
+        asr_settings = {
+            "semantic": (endpointing, "asr.endpointing=semantic"),
+            "fixed": (endpointing, "asr.endpointing=fixed"),
+            "ha_vad": ("asr.endpointing_s=0",),
+        }
+        for name, extra in asr_settings.items():
+            command = asr_command(ports[name], args.cpu_threads, *extra)
+            await stack.enter_async_context(server(f"asr_{name}", command, ports[name], work))
+        command = ours_command("handle", ports["handle"], args.cpu_threads)
+        await stack.enter_async_context(server("handle", command, ports["handle"], work))
+        await stack.enter_async_context(server("tts", tts_command(ports["tts"]), ports["tts"], work))
+        if peer is not None:
+            model_dir = registry.resolve("whisper-base").entry_path
+            data_dir = work / "peer-data"
+            data_dir.mkdir()
+            command = peer_asr_command(peer.python, ports["peer"], model_dir, data_dir, args.cpu_threads)
+            await stack.enter_async_context(server("peer_asr", command, ports["peer"], work))
+
+        clips = []
+        for index, text in enumerate(COMMANDS[: args.commands]):
+            speech = await speak(ports["tts"], text)
+            ha_wav, server_wav = work / f"ha-{index}.wav", work / f"server-{index}.wav"
+            speech_end = wav_with(speech, HA_SILENCE_S, ha_wav)
+            wav_with(speech, SERVER_TAIL_S, server_wav)
+            clips.append((text, speech_end, ha_wav, server_wav))
+
+        async def one(mode: str, wav_ha: Path, wav_server: Path) -> pipeline.PipelineTimings:
+            if mode == "peer":
+                return await chained(wav_ha, uri["peer"], uri["handle"], uri["tts"], "fr")
+            wav = wav_ha if mode == "ha_vad" else wav_server
+            return await pipeline.run_pipeline(
+                wav, work / "answer.wav", uri[mode], uri["handle"], uri["tts"],
+                realtime=True, language="fr", tts_streaming=True,
+            )  # fmt: skip
+
+        for mode in modes:  # warm-up, not counted
+            await one(mode, clips[0][2], clips[0][3])
+        turn = 0
+        for round_index in range(args.rounds):
+            for text, speech_end, wav_ha, wav_server in clips:
+                order = modes[turn % len(modes) :] + modes[: turn % len(modes)]
+                turn += 1
+                for mode in order:
+                    result = await one(mode, wav_ha, wav_server)
+                    ended = (result.audio_started or 0.0) + speech_end
+                    stage = result.stages()
+                    row = {
+                        "command": text,
+                        "round": round_index,
+                        "transcript": result.transcript_text,
+                        "answer": result.answer_text,
+                        "speech_end_to_transcript": _after(result.transcript, ended),
+                        "speech_end_to_first_answer_chunk": _after(result.first_answer_chunk, ended),
+                        "speech_end_to_first_audio": _after(result.first_audio, ended),
+                        "transcript_to_first_answer_chunk": stage["transcript_to_first_answer_chunk"],
+                        "first_answer_chunk_to_first_audio": stage["first_answer_chunk_to_first_audio"],
+                    }
+                    rows[mode].append(row)
+                    _LOGGER.info(
+                        "%-8s %-40s transcript %+.3f s, first audio %+.3f s  %r → %r",
+                        mode, text, row["speech_end_to_transcript"] or -1,
+                        row["speech_end_to_first_audio"] or -1,
+                        result.transcript_text, result.answer_text[:50],
+                    )  # fmt: skip
+    stages = (
+        "speech_end_to_transcript",
+        "transcript_to_first_answer_chunk",
+        "first_answer_chunk_to_first_audio",
+        "speech_end_to_first_audio",
+    )
+    results = {
+        mode: {stage: summary([r[stage] for r in mode_rows if r[stage] is not None]) for stage in stages}
+        for mode, mode_rows in rows.items()
+    }
+    return {
+        "benchmark": "French commands: end of speech (in the audio) → first answer audio",
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "models": {"asr": "whisper-base int8 cpu beam 5", "handle": "smollm2-135m", "tts": "kokoro-ff_siwis"},
+        "speech": "the commands said by our TTS's Kokoro ff_siwis voice, 0.3 s of silence before",
+        "modes": {
+            "semantic": f"our ASR ends the turn: asr.endpointing semantic, at most {ENDPOINTING_S} s",
+            "fixed": f"our ASR ends the turn after {ENDPOINTING_S} s of silence",
+            "ha_vad": f"Home Assistant's VAD: audio-stop {HA_SILENCE_S} s after the speech, our chain",
+            "peer": "HA's VAD → wyoming-faster-whisper → our handle read whole → one synthesize to our TTS",
+        },
+        "peer_asr": peer.version() if peer else None,
+        "target_p50_s": TARGET_P50_S,
+        "rounds": args.rounds,
+        "results": results,
+        "runs": rows,
+    }
+
+
+def _after(at: float | None, ended: float) -> float | None:
+    return None if at is None else round(at - ended, 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--commands", type=int, default=len(COMMANDS))
+    parser.add_argument("--cpu-threads", type=int, default=2)
+    parser.add_argument("--no-peers", action="store_true", help="only our chain")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    data = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"first-answer-{data['date']}.json"
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    for mode, stages in data["results"].items():
+        first = stages["speech_end_to_first_audio"]
+        heard = stages["speech_end_to_transcript"]
+        print(
+            f"{mode:9s} speech end → transcript p50 {heard.get('p50_s')} s; "
+            f"→ first audio p50 {first.get('p50_s')} s, p95 {first.get('p95_s')} s (n={first.get('n')})"
+        )
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
