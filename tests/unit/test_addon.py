@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from wyoming_superwhisper.cli import _settings_from_args, build_parser
+from tests.conftest import make_settings
+from wyoming_superwhisper.cli import _settings_from_args, build_parser, configured_refs
 from wyoming_superwhisper.config import EngineLevel, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -448,3 +449,18 @@ def test_helper_is_standard_library_only() -> None:
     imported = set(re.findall(r"^(?:from|import) ([a-z_]+)", source, flags=re.M))
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
     assert os.access(ADDON / "run.sh", os.X_OK)
+
+
+@pytest.mark.parametrize(
+    ("endpointing_s", "endpointing", "fetched"),
+    [(0.8, "semantic", True), (0.8, "fixed", False), (0.0, "semantic", False)],
+)
+def test_configured_models_include_the_turn_model_when_the_server_ends_turns_semantically(
+    endpointing_s: float, endpointing: str, fetched: bool
+) -> None:
+    """`models fetch --configured` (the add-on's and Kubernetes' first step) gets Smart Turn
+    exactly when the ASR will use it; otherwise it would fall back to the fixed endpoint."""
+    settings = make_settings(**{"asr.endpointing_s": endpointing_s, "asr.endpointing": endpointing})
+    refs = configured_refs(settings)
+    assert ("smart-turn-v3.2" in refs) is fetched
+    assert "whisper-base" in refs and len(refs) == len(set(refs))
