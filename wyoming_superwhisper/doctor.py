@@ -21,7 +21,7 @@ from .config import ConfigError, EngineLevel, Settings
 from .runtime.chains import ChainPlan, plan_chain
 from .runtime.gpu import GpuDecision, verify_pinned
 from .runtime.native import native_build_hint
-from .runtime.registry import ModelRegistry
+from .runtime.registry import ModelRegistry, RegistryError
 from .runtime.server import ServiceContext, WyomingService
 
 _LOGGER = logging.getLogger(__name__)
@@ -153,6 +153,29 @@ def check_chains(
     return plans
 
 
+def check_turn_model(report: Report, settings: Settings, registry: ModelRegistry) -> None:
+    """The end-of-turn model, when the ASR ends turns semantically; missing, the ASR
+    still works but waits ``asr.endpointing_s`` of silence each time (degraded)."""
+    from .asr.turn import SMART_TURN_REF
+
+    asr = settings.asr
+    if asr.endpointing != "semantic" or asr.endpointing_s <= 0:
+        return
+    fallback = f"utterances end after asr.endpointing_s ({asr.endpointing_s:g} s) of silence"
+    try:
+        resolved = registry.resolve(SMART_TURN_REF)
+        problems = registry.verify(SMART_TURN_REF)
+    except RegistryError as error:
+        problems = [str(error)]
+        resolved = None
+    if problems or resolved is None:
+        fetch = f"superwhisper models fetch {SMART_TURN_REF}"
+        detail = f"{SMART_TURN_REF}: {'; '.join(problems)}; {fallback} ({fetch})"
+        report.add("models", "asr.endpointing", Status.DEGRADED, detail)
+        return
+    report.add("models", "asr.endpointing", Status.OK, f"semantic: {SMART_TURN_REF} at {resolved.path}")
+
+
 READ_BACK_MAX_WER = 0.5
 """The TTS smoke's audio, read back by the ASR: above this WER the voice is not understood."""
 
@@ -255,6 +278,8 @@ async def run_doctor(
     report = Report()
     check_gpu(report, decision)
     plans = check_chains(report, settings, registry, decision, services)
+    if "asr" in services:
+        check_turn_model(report, settings, registry)
     if context is not None and factories:
         runnable = {
             name: factory

@@ -144,3 +144,34 @@ def test_cli_doctor_exit_codes(tmp_path: Path, yaml_text: str, code: int) -> Non
     else:
         assert report["checks"][0]["area"] == "gpu"
         assert "on_mismatch is fail" in report["checks"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("endpointing_s", "endpointing", "line"),
+    [(0.8, "semantic", True), (0.8, "fixed", False), (0, "semantic", False)],
+)
+def test_the_turn_model_is_checked_when_the_asr_ends_turns_semantically(
+    endpointing_s: float, endpointing: str, line: bool
+) -> None:
+    report = doctor(**{"asr.endpointing_s": endpointing_s, "asr.endpointing": endpointing})
+    found = [c for c in report.checks if c.name == "asr.endpointing"]
+    assert bool(found) is line
+    if line:
+        assert found[0].status is Status.OK and "smart-turn-v3.2" in found[0].detail
+    assert report.status is Status.OK, report.to_table()
+
+
+def test_a_missing_turn_model_is_degraded_and_says_how_to_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where the pipecat-ai wheel was never installed: the registry finds no file."""
+    real_verify = ModelRegistry.verify
+
+    def verify(self: ModelRegistry, ref: str) -> list[str]:
+        if ref == "smart-turn-v3.2":
+            return ["smart-turn-v3.2-cpu.onnx is missing"]
+        return real_verify(self, ref)
+
+    monkeypatch.setattr(ModelRegistry, "verify", verify)
+    report = doctor(**{"asr.endpointing_s": 0.8, "asr.endpointing": "semantic"})
+    line = next(c for c in report.checks if c.name == "asr.endpointing")
+    assert line.status is Status.DEGRADED and report.exit_code == 1
+    assert "models fetch smart-turn-v3.2" in line.detail and "(0.8 s) of silence" in line.detail
