@@ -77,6 +77,17 @@ class Faulty:
         await self._fault()
         return await self.inner.synthesize(text, options)
 
+    def synthesize_stream(self, text: str, options: Any) -> Any:
+        """A chunked Piper voice's path (``tts.chunked_decode``): the same faults, before its first piece."""
+
+        async def faulty_parts() -> AsyncIterator[Any]:
+            await self._fault()
+            async with contextlib.aclosing(self.inner.synthesize_stream(text, options)) as inner:
+                async for part in inner:
+                    yield part
+
+        return faulty_parts()
+
     def stream(self, request: Any) -> Any:
         async def faulty_stream() -> AsyncIterator[Any]:
             await self._fault()
