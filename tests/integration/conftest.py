@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest_asyncio
 
-from tests.conftest import make_context
-from wyoming_superwhisper.asr.engines import AsrRequest, AsrResult, WhisperEngine
+from tests.conftest import make_context, make_settings
+from wyoming_superwhisper.asr.engines import AsrEngine, AsrRequest, AsrResult, WhisperEngine
+from wyoming_superwhisper.asr.service import AsrService
+from wyoming_superwhisper.runtime.server import ServiceServer
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -46,3 +50,21 @@ class SharedEngine:
 
     async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
         return await self.inner.transcribe(request, cancel)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engines: Sequence[AsrEngine], **settings: Any
+) -> AsyncIterator[tuple[AsrService, ServiceServer]]:
+    """An ASR service on ``engines`` and its server on loopback; ``settings`` without a dot
+    are ``asr.`` keys."""
+    overrides = {key if "." in key else f"asr.{key}": value for key, value in settings.items()}
+    service = AsrService(make_context(make_settings(**overrides)), engines=engines)
+    server = ServiceServer(service)
+    await service.start()
+    await server.start()
+    try:
+        yield service, server
+    finally:
+        await server.stop(2.0)
+        await service.stop()

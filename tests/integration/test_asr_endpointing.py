@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,12 @@ from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
-from tests.conftest import espeak_pcm, make_context, make_settings, requires_espeak
+from tests.conftest import espeak_pcm, requires_espeak
 from tests.integration.conftest import SharedEngine
+from tests.integration.conftest import running as running_on
 from wyoming_superwhisper.asr.client import pcm_bytes
 from wyoming_superwhisper.asr.engines import WhisperEngine, normalize
 from wyoming_superwhisper.asr.service import AsrService
-from wyoming_superwhisper.runtime.server import ServiceServer
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow, requires_espeak]
 
@@ -43,18 +43,9 @@ NAMES = ["lumière du salon", "salon", "cuisine", "porte du garage", "lampe du s
 """The home's names, as a client (or Home Assistant through asr.hass_url) gives them."""
 
 
-@contextlib.asynccontextmanager
-async def running(whisper: WhisperEngine, **asr: Any) -> AsyncIterator[tuple[AsrService, ServiceServer]]:
-    overrides = {f"asr.{key}": value for key, value in asr.items()}
-    service = AsrService(make_context(make_settings(**overrides)), engines=[SharedEngine(whisper)])
-    server = ServiceServer(service)
-    await service.start()
-    await server.start()
-    try:
-        yield service, server
-    finally:
-        await server.stop(2.0)
-        await service.stop()
+def running(whisper: WhisperEngine, **asr: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+    """The module's whisper-base behind a real ASR server with these ``asr.`` settings."""
+    return running_on([SharedEngine(whisper)], **asr)
 
 
 # --- audio ---------------------------------------------------------------------------------

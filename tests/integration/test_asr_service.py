@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe, Info
 
 from tests.conftest import HangsUpAfter, make_context, make_settings, requires_espeak
-from tests.integration.conftest import SharedEngine
+from tests.integration.conftest import SharedEngine, running
 from wyoming_superwhisper.asr.client import Exchange, pcm_bytes, transcribe
 from wyoming_superwhisper.asr.engines import (
     FULL_WINDOW_FRAMES,
@@ -125,22 +125,6 @@ class GatedEngine:
         self.entered.set()
         await self.gate.wait()
         return AsrResult(text="ouvert", language=request.language, engine=self.name)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    engines: Sequence[AsrEngine], **settings: Any
-) -> AsyncIterator[tuple[AsrService, ServiceServer]]:
-    overrides = {key if "." in key else f"asr.{key}": value for key, value in settings.items()}
-    service = AsrService(make_context(make_settings(**overrides)), engines=engines)
-    server = ServiceServer(service)
-    await service.start()
-    await server.start()
-    try:
-        yield service, server
-    finally:
-        await server.stop(2.0)
-        await service.stop()
 
 
 @pytest.fixture
