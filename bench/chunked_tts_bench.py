@@ -117,6 +117,16 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ordered), 4), "p90": round(p90, 4), "n": len(ordered)}
 
 
+def summarize_by_length(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``summary`` of each key over the short, medium and long sentences, and over all of them."""
+    by_length: dict[str, Any] = {}
+    for length in ("short", "medium", "long", "all"):
+        chosen = [r for r in rows if length in ("all", r["length"])]
+        if chosen:
+            by_length[length] = {key: summary([r[key] for r in chosen]) for key in keys}
+    return by_length
+
+
 async def engine_section(voice: Path, split_dir: Path, repeats: int) -> dict[str, Any]:
     chunked = PiperEngine(voice, name="piper-joe", split_dir=split_dir, warm_text="Hello.")
     whole = PiperEngine(voice, name="piper-joe", chunked=False, warm_text="Hello.")
@@ -165,23 +175,18 @@ async def engine_section(voice: Path, split_dir: Path, repeats: int) -> dict[str
     finally:
         await chunked.close()
         await whole.close()
-    by_length: dict[str, Any] = {}
-    for length in ("short", "medium", "long", "all"):
-        chosen = [r for r in rows if length in ("all", r["length"])]
-        if not chosen:
-            continue
-        by_length[length] = {
-            key: summary([r[key] for r in chosen])
-            for key in (
-                "first_ratio",
-                "total_ratio",
-                "first_ratio_vs_split_whole",
-                "total_ratio_vs_split_whole",
-                "whole_s",
-                "first_s",
-                "total_s",
-            )
-        }
+    by_length = summarize_by_length(
+        rows,
+        (
+            "first_ratio",
+            "total_ratio",
+            "first_ratio_vs_split_whole",
+            "total_ratio_vs_split_whole",
+            "whole_s",
+            "first_s",
+            "total_s",
+        ),
+    )
     return {
         "gain": round(chunked.gain, 4),
         "chunked_state": chunked.chunked_state,
@@ -240,21 +245,15 @@ async def server_section(voice_registry_settings: dict[str, Any], repeats: int) 
         for label in servers:
             await servers[label].stop(2.0)
             await services[label].stop()
-    by_length = {}
-    for length in ("short", "medium", "long", "all"):
-        chosen = [r for r in rows if length in ("all", r["length"])]
-        if chosen:
-            by_length[length] = {
-                key: summary([r[key] for r in chosen])
-                for key in (
-                    "first_ratio",
-                    "total_ratio",
-                    "chunked_first_s",
-                    "whole_first_s",
-                    "chunked_total_s",
-                    "whole_total_s",
-                )
-            }
+    keys = (
+        "first_ratio",
+        "total_ratio",
+        "chunked_first_s",
+        "whole_first_s",
+        "chunked_total_s",
+        "whole_total_s",
+    )
+    by_length = summarize_by_length(rows, keys)
     return {"by_length": by_length, "sentences": rows}
 
 
