@@ -286,6 +286,10 @@ class TtsSettings:
     """Piper voices decode a sentence in chunks and send each as soon as it is ready (first
     audio before the sentence is rendered; a fixed gain per voice instead of a per-sentence
     peak normalization); false: each sentence is synthesized whole."""
+    first_segment_chars: int = 40
+    """A first sentence longer than this is said in two parts, cut at its first clause
+    boundary (a comma, from 16 characters on): a voice that renders a segment whole
+    (Kokoro) starts speaking sooner. 0: never cut."""
     timeout_s: float = 30.0
     queue_size: int = 8
     """Answers in flight at most, over all connections (speaking or waiting for a voice);

@@ -215,6 +215,38 @@ async def test_streaming_protocol_order_and_first_audio_before_last_chunk(serve:
     assert voice.calls == ["Bonjour monsieur Dupont.", "Il fait beau.", "Bonne journée !"]
 
 
+FIRST_CLAUSE, REST = "Il est quinze heures trente,", "et il fait vingt et un degrés dans le salon."
+LONG_FIRST_SENTENCE = f"{FIRST_CLAUSE} {REST} Bonne soirée."
+
+
+@pytest.mark.parametrize(
+    ("first_segment_chars", "segments"),
+    [
+        (40, [FIRST_CLAUSE, REST, "Bonne soirée."]),
+        (0, [f"{FIRST_CLAUSE} {REST}", "Bonne soirée."]),
+        (80, [f"{FIRST_CLAUSE} {REST}", "Bonne soirée."]),
+    ],
+)
+async def test_a_long_first_sentence_is_said_in_two_parts_as_configured(
+    serve: Serve, first_segment_chars: int, segments: list[str]
+) -> None:
+    """tts.first_segment_chars: the voice gets the first clause alone, whole texts and streams alike."""
+    for streaming in (False, True):
+        voice = FakeVoice()
+        service = make_service({"fr": [voice]}, **{"tts.first_segment_chars": first_segment_chars})
+        async with serve(service) as server, client_of(server) as client:
+            if streaming:
+                await client.write_event(SynthesizeStart().event())
+                for word in LONG_FIRST_SENTENCE.split(" "):
+                    await client.write_event(SynthesizeChunk(text=word + " ").event())
+                await client.write_event(SynthesizeStop().event())
+                audio_of(await read_answer(client, last="synthesize-stopped"))
+            else:
+                await client.write_event(Synthesize(text=LONG_FIRST_SENTENCE).event())
+                audio_of(await read_answer(client))
+        assert voice.calls == segments, streaming
+
+
 async def test_streamed_text_over_the_limit_is_refused(serve: Serve) -> None:
     service = make_service({"fr": [FakeVoice()]}, **{"tts.max_chars": 50})
     async with serve(service) as server, client_of(server) as client:

@@ -87,7 +87,8 @@ LONG_FIRST = (
 
 def test_long_first_sentence_is_cut_at_a_clause_boundary() -> None:
     assert split_sentences(LONG_FIRST) == [
-        "Aujourd'hui à Paris, le ciel sera nuageux le matin avec quelques averses,",
+        "Aujourd'hui à Paris,",
+        "le ciel sera nuageux le matin avec quelques averses, "
         "puis le soleil reviendra l'après-midi avec 21 °C.",
         "Bonne journée !",
     ]
@@ -100,8 +101,8 @@ def test_long_first_sentence_is_cut_while_streaming() -> None:
         released.extend(splitter.feed(piece))
         if released:
             break
-    assert released == ["Aujourd'hui à Paris, le ciel sera nuageux le matin avec quelques averses,"]
-    assert "21 °C" not in "".join(released)  # released before the sentence was written
+    assert released == ["Aujourd'hui à Paris,"]
+    assert "averses" not in "".join(released)  # released before the sentence was written
 
 
 def test_only_the_first_sentence_is_cut() -> None:

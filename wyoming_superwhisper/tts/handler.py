@@ -292,7 +292,7 @@ class TtsHandler(EventHandler):
         response = await self._new_response(*routed, streaming=False)
         if response is None:
             return
-        response.add(split_sentences(text))
+        response.add(split_sentences(text, self.service.splitter_options()))
         response.finish()
 
     async def _start_stream(self, event: Event) -> None:
@@ -306,7 +306,9 @@ class TtsHandler(EventHandler):
             return
         self._stream = await self._new_response(*routed, streaming=True)
         # Busy: like a refused route, the stream's chunks and stop are absorbed quietly.
-        self._splitter = SentenceSplitter() if self._stream is not None else None
+        self._splitter = (
+            SentenceSplitter(self.service.splitter_options()) if self._stream is not None else None
+        )
 
     async def _stream_chunk(self, event: Event) -> None:
         text = event.data.get("text")

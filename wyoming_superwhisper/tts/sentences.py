@@ -88,10 +88,16 @@ _WORD_BEFORE = re.compile(r"([\w°]+)\s*$")
 class SplitterOptions:
     """How text is cut into the segments that are synthesized one by one."""
 
-    first_max_chars: int = 80
-    """A first sentence longer than this (characters) is cut at a clause boundary."""
-    first_min_chars: int = 30
-    """...but not before this many characters, so that the first piece is not a stub."""
+    first_max_chars: int = 40
+    """A first sentence longer than this (characters) is cut at a clause boundary.
+
+    A voice that renders a segment whole (Kokoro) makes the listener wait for all
+    of it: on a 2-core CPU Kokoro takes about 0.12 s + 9 ms a character (0.34 s
+    for 24 characters, 0.76 s for 73), so a first segment of 40 characters
+    keeps the first audio near half a second."""
+    first_min_chars: int = 16
+    """...but not before this many characters, so that the first piece is not a stub
+    ("Bonjour," alone would be said with a pause after it)."""
     min_tail_chars: int = 20
     """...and only where at least this many characters remain after the cut (whole texts)."""
     max_segment_chars: int = 400

@@ -43,7 +43,7 @@ from .engines import (
     check_duration,
 )
 from .kokoro import KokoroEngine, packaged_voice
-from .sentences import normalize
+from .sentences import SplitterOptions, normalize
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -378,6 +378,13 @@ class TtsService(WyomingService):
             raise VoiceError("voice-not-installed", f"no voice for {language!r} is installed")
         first = chain.levels[0].engine.name
         return Route(language, chain, tuple(range(len(chain.levels))), voice or first)
+
+    def splitter_options(self) -> SplitterOptions:
+        """How answers are cut into the segments the voices speak (``tts.first_segment_chars``)."""
+        first = self.settings.first_segment_chars
+        if first <= 0:
+            return SplitterOptions(first_max_chars=self.settings.max_chars)
+        return SplitterOptions(first_max_chars=first, first_min_chars=min(16, first))
 
     def native_rate(self, route: Route) -> int:
         """The rate an answer will have when nothing has been synthesized yet (empty text)."""
