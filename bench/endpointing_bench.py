@@ -146,7 +146,9 @@ def paused(before: str, after: str, voice: str, pause_s: float) -> tuple[np.ndar
     return stretch_pause(espeak(f"{before}, {after}", voice), pause_s)
 
 
-def settings_for(mode: str, endpointing_s: float, turn_pause_s: float = 0.2) -> Settings:
+def settings_for(
+    mode: str, endpointing_s: float, turn_pause_s: float = 0.2, turn_decode_pause_s: float = 0.1
+) -> Settings:
     return load_settings(
         environ={},
         overrides={
@@ -155,6 +157,7 @@ def settings_for(mode: str, endpointing_s: float, turn_pause_s: float = 0.2) -> 
             "asr.endpointing_s": endpointing_s,
             "asr.endpointing": mode,
             "asr.turn_pause_s": turn_pause_s,
+            "asr.turn_decode_pause_s": turn_decode_pause_s,
             "asr.beam_size": 5,
             "asr.chain": [{"model": "whisper-base", "device": "cpu", "options": {"compute_type": "int8"}}],
             "zeroconf.enabled": False,
@@ -213,7 +216,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -> dict[str, Any]:
-    settings = settings_for(mode, args.endpointing, getattr(args, "current_turn_pause", 0.2))
+    settings = settings_for(
+        mode,
+        args.endpointing,
+        getattr(args, "current_turn_pause", 0.2),
+        getattr(args, "current_decode_pause", 0.1),
+    )
     metrics = Metrics(CollectorRegistry())
     context = ServiceContext(
         settings, ModelRegistry.from_settings(settings), choose_gpu(None, settings.gpu), metrics
@@ -269,6 +277,7 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
         "endpointing": mode,
         "endpointing_s": args.endpointing,
         "turn_pause_s": getattr(args, "current_turn_pause", None) if mode == "semantic" else None,
+        "turn_decode_pause_s": getattr(args, "current_decode_pause", None) if mode == "semantic" else None,
         "complete": {
             "count": len(latencies),
             "p50_s": percentile(latencies, 50),
@@ -370,8 +379,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
     modes = {"fixed": await run_mode("fixed", args, audio)}
     for turn_pause in args.turn_pause:
-        args.current_turn_pause = turn_pause
-        modes[f"semantic@{turn_pause:g}"] = await run_mode("semantic", args, audio)
+        for decode_pause in args.decode_pause:
+            args.current_turn_pause, args.current_decode_pause = turn_pause, decode_pause
+            name = f"semantic@{turn_pause:g}" + (
+                f"/decode@{decode_pause:g}" if 0 < decode_pause < turn_pause else ""
+            )
+            modes[name] = await run_mode("semantic", args, audio)
     cost = await smart_turn_cost()
     voices = "Kokoro ff_siwis (fr), Piper joe (en)" if args.voice == "natural" else "espeak-ng"
     return {
@@ -394,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda text: [float(v) for v in text.split(",")],
         default=[0.2],
         help="asr.turn_pause_s of the semantic mode; several (0.2,0.1) run one semantic mode each",
+    )
+    parser.add_argument(
+        "--decode-pause",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[0.1],
+        help="asr.turn_decode_pause_s (the decode starts ahead of the verdict); several run one mode each",
     )
     parser.add_argument(
         "--voice",

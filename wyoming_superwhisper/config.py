@@ -144,7 +144,10 @@ class AsrSettings:
     after ``endpointing_s`` of silence; ``semantic``: as soon as a pause of ``turn_pause_s``
     follows a finished sentence (Smart Turn v3.2 + text cues, ``asr/turn.py``), else as fixed."""
     turn_pause_s: float = 0.2
-    """Semantic endpointing: the pause after which the sentence is judged (and decoded), in seconds."""
+    """Semantic endpointing: the pause after which the sentence is judged, in seconds."""
+    turn_decode_pause_s: float = 0.1
+    """Semantic endpointing: the pause at which Whisper starts decoding, ahead of the verdict, so
+    the transcript is ready when the verdict is due; 0 or ≥ ``turn_pause_s``: at the verdict's pause."""
     turn_threshold: float = 0.5
     """Semantic endpointing: Smart Turn's probability at or above which the turn is over
     (lower, ``asr.turn.COMMAND_THRESHOLD``, for a transcript that is a whole Home Assistant command)."""

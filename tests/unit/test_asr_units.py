@@ -120,6 +120,31 @@ def test_speech_after_a_reported_pause_starts_again_and_keeps_the_start() -> Non
     assert tracker.span is not None and tracker.span.start == 0
 
 
+def test_the_decode_pause_comes_before_the_verdict_pause_and_both_again_after_speech() -> None:
+    """Semantic endpointing: decode at 0.1 s, judge at 0.2 s, each once per pause."""
+    tracker = SpeechTracker(0.5, pause_s=0.1, turn_s=0.2, endpoint_s=0.8)
+    probabilities = [SPEECH] * 10 + [SILENT] * frames(0.15) + [SPEECH] * 10 + [SILENT] * frames(1.0)
+    events = run(tracker, probabilities)
+    assert [e for _, e in events] == [
+        VadEvent.STARTED,
+        VadEvent.PAUSED,  # 0.1 s into a 0.15 s dip: decode
+        VadEvent.STARTED,  # no verdict: speech came back first
+        VadEvent.PAUSED,
+        VadEvent.TURN,
+        VadEvent.ENDPOINT,
+    ]
+    paused, turn = events[3][0], events[4][0]
+    last_speech = 10 + frames(0.15) + 10
+    assert (paused + 1 - last_speech) * FRAME_SAMPLES >= 0.1 * 16000 > (paused - last_speech) * FRAME_SAMPLES
+    assert (turn + 1 - last_speech) * FRAME_SAMPLES >= 0.2 * 16000 > (turn - last_speech) * FRAME_SAMPLES
+
+
+def test_decode_and_verdict_at_the_same_pause_come_in_that_order() -> None:
+    tracker = SpeechTracker(0.5, pause_s=0.2, turn_s=0.2)
+    kinds = [e for _, e in run(tracker, [SPEECH] * 10 + [SILENT] * frames(0.5))]
+    assert kinds == [VadEvent.STARTED, VadEvent.PAUSED, VadEvent.TURN]
+
+
 def test_no_speech_no_events() -> None:
     tracker = SpeechTracker(0.5, pause_s=0.3, endpoint_s=0.5)
     assert run(tracker, [SILENT] * 200) == []

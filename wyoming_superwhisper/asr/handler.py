@@ -15,9 +15,10 @@ chunk only ever extends the text already sent; the ``transcript`` is the
 authority when speech after a pause changed the reading.
 
 Semantic endpointing (``asr.endpointing: semantic`` with ``endpointing_s > 0``):
-at a pause of ``turn_pause_s`` the speculative decode starts and Smart Turn
-reads the audio beside it; when both are in, :class:`~.turn.TurnJudge` says
-whether the sentence is over. Over: the utterance ends there (a *cut*);
+at a pause of ``turn_decode_pause_s`` the speculative decode starts; at
+``turn_pause_s`` Smart Turn reads the audio up to then; when both are in,
+:class:`~.turn.TurnJudge` says whether the sentence is over. The decode runs
+ahead of the verdict so that it is ready when the verdict is due. Over: the utterance ends there (a *cut*);
 not over: ``endpointing_s`` of silence still ends it. After a cut the stream
 goes on in a continuation utterance, whose audio starts at the end of the
 speech that was answered: a speaker who was not done gets a second
@@ -55,8 +56,8 @@ _LOGGER = logging.getLogger(__name__)
 PAD_BEFORE_S = 0.3
 """Audio kept before the first speech frame: Silero reacts a frame late, Whisper likes a lead-in."""
 PAD_AFTER_S = 0.2
-"""Audio kept after the last speech frame; at most the speculative pause, so a speculative
-decode and the final one read exactly the same samples."""
+"""Audio kept after the last speech frame; a decode started at a shorter pause gets the rest
+as digital silence."""
 MAX_HINTS = 200
 MAX_HINT_CHARS = 100
 
@@ -77,7 +78,9 @@ class _Speculation:
     task: asyncio.Task[Decoded]
     cancel: threading.Event
     turn: asyncio.Task[float] | None = None
-    """Smart Turn's probability for the audio up to this pause, computed beside the decode."""
+    """Smart Turn's probability for the audio up to the verdict's pause, computed beside the decode."""
+    judged: bool = False
+    """The verdict was asked for (once per speculation)."""
 
 
 @dataclass
@@ -155,12 +158,17 @@ class AsrHandler(EventHandler):
 
     @property
     def _pause_s(self) -> float:
-        return self.settings.turn_pause_s if self._semantic else self.settings.speculative_pause_s
+        """The pause that starts a speculative decode."""
+        if not self._semantic:
+            return self.settings.speculative_pause_s
+        ahead = self.settings.turn_decode_pause_s
+        return min(ahead, self.settings.turn_pause_s) if ahead > 0 else self.settings.turn_pause_s
 
     def _new_utterance(self, converter: AudioConverter | None, vad: VadStream | None = None) -> _Utterance:
         tracker = SpeechTracker(
             self.settings.vad_threshold,
             pause_s=self._pause_s,
+            turn_s=self.settings.turn_pause_s if self._semantic else 0.0,
             endpoint_s=self.settings.endpointing_s,
         )
         return _Utterance(converter, vad if vad is not None else self.service.vad.stream(), tracker)
@@ -262,6 +270,8 @@ class AsrHandler(EventHandler):
             endpoint_now = 0 < self.settings.endpointing_s <= self._pause_s
             if not endpoint_now and self.service.can_speculate():
                 self._speculate(utterance, span)
+        elif vad_event is VadEvent.TURN:
+            self._hear_turn(utterance, span)
         elif vad_event is VadEvent.ENDPOINT and utterance.final is None:
             started = time.monotonic()
             utterance.final = self._spawn(utterance, self._finish(utterance, "endpoint", started))
@@ -275,17 +285,37 @@ class AsrHandler(EventHandler):
         task = asyncio.create_task(
             self._speculative_decode(utterance, request, cancel), name="asr-speculative"
         )
-        turn: asyncio.Task[float] | None = None
-        if self._semantic and self.service.turn is not None:
-            # Smart Turn hears the utterance up to now (as Pipecat feeds it: from 0.5 s before
-            # the speech), while Whisper decodes: the verdict waits for neither in turn.
-            end = utterance.tracker.position
-            start = max(0, span.start - int(PRE_SPEECH_S * TARGET_RATE), end - WINDOW_SAMPLES)
-            audio = utterance.audio()[start:end].copy()  # the model reads the last 8 s only
-            turn = asyncio.create_task(self.service.turn.audio_probability(audio), name="asr-turn")
-            turn.add_done_callback(_consume)
-        utterance.speculation = _Speculation(span, task, cancel, turn)
+        utterance.speculation = _Speculation(span, task, cancel)
         _LOGGER.debug("asr %s: speculative decode of %.2f s", self.connection.peer, request.seconds)
+
+    def _hear_turn(self, utterance: _Utterance, span: SpeechSpan) -> None:
+        """The verdict's pause: Smart Turn hears the utterance, the judge follows the decode."""
+        speculation = utterance.speculation
+        if (
+            not self._semantic
+            or self.service.turn is None
+            or speculation is None
+            or speculation.span != span
+            or speculation.turn is not None
+        ):
+            return
+        # Smart Turn hears the utterance up to now (as Pipecat feeds it: from 0.5 s before the
+        # speech), while Whisper finishes decoding: the verdict waits for neither in turn.
+        end = utterance.tracker.position
+        start = max(0, span.start - int(PRE_SPEECH_S * TARGET_RATE), end - WINDOW_SAMPLES)
+        audio = utterance.audio()[start:end].copy()  # the model reads the last 8 s only
+        speculation.turn = asyncio.create_task(self.service.turn.audio_probability(audio), name="asr-turn")
+        speculation.turn.add_done_callback(_consume)
+        task = speculation.task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            self._ask_verdict(utterance, speculation, task.result())  # decoded during the pause
+
+    def _ask_verdict(self, utterance: _Utterance, speculation: _Speculation, decoded: Decoded) -> None:
+        """Judge once the decode and Smart Turn are both under way; once per speculation."""
+        if speculation.turn is None or speculation.judged or not decoded.result.text:
+            return
+        speculation.judged = True
+        self._spawn(utterance, self._judge_turn(utterance, speculation, decoded))
 
     async def _speculative_decode(
         self, utterance: _Utterance, request: AsrRequest, cancel: threading.Event
@@ -303,8 +333,7 @@ class AsrHandler(EventHandler):
         ):
             with contextlib.suppress(ConnectionError):
                 await self._send_partial(utterance, decoded.result.text, decoded.result.language)
-            if speculation.turn is not None:
-                self._spawn(utterance, self._judge_turn(utterance, speculation, decoded))
+            self._ask_verdict(utterance, speculation, decoded)  # when the verdict's pause came first
         return decoded
 
     async def _judge_turn(self, utterance: _Utterance, speculation: _Speculation, decoded: Decoded) -> None:
@@ -461,10 +490,15 @@ class AsrHandler(EventHandler):
     def _request(self, utterance: _Utterance, span: SpeechSpan) -> AsrRequest:
         audio = utterance.audio()
         start = max(0, span.start - int(PAD_BEFORE_S * TARGET_RATE))
-        pad_after = min(PAD_AFTER_S, self._pause_s or PAD_AFTER_S)
-        end = min(len(audio), span.end + int(pad_after * TARGET_RATE))
+        end = span.end + int(PAD_AFTER_S * TARGET_RATE)
+        samples = audio[start:end]
+        if len(samples) < end - start:
+            # Decoded at a pause shorter than the pad (semantic endpointing decodes at 0.1 s):
+            # the pause goes on in digital silence, so Whisper reads the same trailing quiet
+            # as it would at the end (with 0.1 s only, it dropped "Turn on the" before a name).
+            samples = np.concatenate([samples, np.zeros(end - start - len(samples), samples.dtype)])
         return AsrRequest(
-            audio=audio[start:end].copy(),
+            audio=samples.copy(),
             language=self._language(),
             beam_size=self.settings.beam_size,
             names=(*self._options.names, *self.service.names_hints()),

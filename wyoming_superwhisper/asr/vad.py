@@ -240,6 +240,8 @@ class VadEvent(enum.Enum):
     """Speech began (first time, or again after a pause that was reported)."""
     PAUSED = "paused"
     """Speech has been followed by ``pause_s`` of silence: time to decode speculatively."""
+    TURN = "turn"
+    """Speech has been followed by ``turn_s`` of silence: time to judge whether the sentence is over."""
     ENDPOINT = "endpoint"
     """Speech has been followed by ``endpoint_s`` of silence: the utterance is over."""
 
@@ -259,7 +261,9 @@ class SpeechTracker:
     speech until they drop below ``threshold - 0.15`` (Silero's own advice), so
     a soft syllable does not split a word. Speech must last ``min_speech_frames``
     to count (a click is not a command). A pause is measured from the end of
-    the last speech frame.
+    the last speech frame; it is reported at ``pause_s`` (decode now), at
+    ``turn_s`` (judge the sentence now) and at ``endpoint_s`` (the utterance is
+    over), each once until speech resumes.
     """
 
     def __init__(
@@ -268,11 +272,13 @@ class SpeechTracker:
         *,
         pause_s: float = 0.3,
         endpoint_s: float = 0.0,
+        turn_s: float = 0.0,
         min_speech_frames: int = 3,
     ) -> None:
         self.threshold = threshold
         self.negative_threshold = max(0.0, threshold - 0.15)
         self.pause_samples = int(pause_s * SAMPLE_RATE) if pause_s > 0 else 0
+        self.turn_samples = int(turn_s * SAMPLE_RATE) if turn_s > 0 else 0
         self.endpoint_samples = int(endpoint_s * SAMPLE_RATE) if endpoint_s > 0 else 0
         self.min_speech_frames = max(1, min_speech_frames)
         self.frames = 0
@@ -282,6 +288,7 @@ class SpeechTracker:
         self._run = 0
         self._run_start = 0
         self._paused_sent = False
+        self._turn_sent = False
         self._endpoint_sent = False
 
     @property
@@ -316,11 +323,12 @@ class SpeechTracker:
             if self._run >= self.min_speech_frames:
                 self.speaking = True
                 self._run = 0
-                resumed = self.span is None or self._paused_sent
+                resumed = self.span is None or self._paused_sent or self._turn_sent
                 first = self.span.start if self.span is not None else self._run_start
                 self.span = SpeechSpan(first, end)
                 if resumed:  # a dip shorter than the pause is still the same speech
                     self._paused_sent = False
+                    self._turn_sent = False
                     self._endpoint_sent = False
                     events.append(VadEvent.STARTED)
             return events
@@ -331,6 +339,9 @@ class SpeechTracker:
         if self.pause_samples and not self._paused_sent and silence >= self.pause_samples:
             self._paused_sent = True
             events.append(VadEvent.PAUSED)
+        if self.turn_samples and not self._turn_sent and silence >= self.turn_samples:
+            self._turn_sent = True
+            events.append(VadEvent.TURN)
         if self.endpoint_samples and not self._endpoint_sent and silence >= self.endpoint_samples:
             self._endpoint_sent = True
             events.append(VadEvent.ENDPOINT)
