@@ -403,6 +403,7 @@ def test_dashboard_is_importable() -> None:
         "process_resident_memory_bytes",
         "superwhisper_handle_tokens_per_second_bucket",
         "superwhisper_tts_real_time_factor_bucket",
+        "superwhisper_asr_endpoint_decisions_total",
     ],
 )
 def test_dashboard_shows(needle: str) -> None:
