@@ -17,6 +17,8 @@ from wyoming_superwhisper.asr.turn import (
     WINDOW_SAMPLES,
     TextCue,
     TurnJudge,
+    command_vocabulary,
+    glued_dangling_word,
     inside_a_name,
     last_window,
     log_mel_features,
@@ -103,6 +105,35 @@ def test_a_transcript_that_stops_inside_a_name_is_not_over() -> None:
     assert inside_a_name("allume l'alumière", names)
     assert not inside_a_name("allume l'alumière du salon", names)
     assert not inside_a_name("Allume la lune", names)  # "lune" is no "lumière"
+
+
+def test_a_dangling_word_glued_on_by_whisper_is_seen() -> None:
+    """whisper-base at a pause, 2026-12-04: "Mets un minuteur de…" heard "mais un minuteurde"."""
+    assert {"minuteur", "lumière", "volets"} <= command_vocabulary("fr")  # from home-assistant-intents
+    names = ["Lumière du salon", "salon", "cuisine"]
+    assert glued_dangling_word("mais un minuteurde", "fr")
+    assert glued_dangling_word("ouvre les voletsdes", "fr")
+    assert glued_dangling_word("allume la cuisinepour", "fr", names)  # a name's word, glued
+    assert not glued_dangling_word("allume la cuisinepour", "fr")  # "cuisine" is no template word
+    assert not glued_dangling_word("mets un minuteur de 5 minutes", "fr")
+    assert not glued_dangling_word("la température actuelle", "fr")  # "-le" inflects, never glued
+    assert not glued_dangling_word("les secondes", "fr")  # "secon" is no word
+    assert not glued_dangling_word("mais un minuteurde", "en")  # French only
+    assert not glued_dangling_word("", "fr")
+    judge = TurnJudge(_Sure())
+    assert judge.quick_cue("mais un minuteurde", "fr") is TextCue.INCOMPLETE
+    assert judge.quick_cue("mets un minuteur", "fr") is TextCue.NEUTRAL
+
+
+class _Sure:
+    async def load(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def probability(self, audio: Any) -> float:
+        return 0.99
 
 
 class _Templates:

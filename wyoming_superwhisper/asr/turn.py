@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import json
 import logging
 import re
 import threading
@@ -252,6 +254,53 @@ def trailing_cue(text: str, language: str) -> TextCue:
     return TextCue.INCOMPLETE if last in dangling else TextCue.NEUTRAL
 
 
+GLUED_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "fr": ("de", "du", "des", "pour", "dans", "sur", "avec"),
+}
+"""Dangling words whisper-base glues onto the word before when the speaker pauses after them
+("Mets un minuteur de…" heard "minuteurde"). Only those no French word is inflected with:
+"-le", "-la", "-es" end ordinary words ("actuelle", "quelle", "grandes")."""
+MIN_GLUED_STEM = 5
+
+
+@functools.lru_cache(maxsize=8)
+def command_vocabulary(language: str) -> frozenset[str]:
+    """The words of Home Assistant's sentence templates and lists for ``language`` (about 800
+    in French, read in 10 ms from ``home-assistant-intents``): the words commands are made of."""
+    try:
+        from home_assistant_intents import get_intents
+
+        data = get_intents(language)
+    except Exception:  # no templates for the language, or the package is missing: no vocabulary
+        return frozenset()
+    if not data:
+        return frozenset()
+    text = unicodedata.normalize("NFC", json.dumps(data, ensure_ascii=False).lower())
+    return frozenset(re.findall(r"[^\W\d_]{2,}", text))
+
+
+def glued_dangling_word(text: str, language: str, names: Sequence[str] = ()) -> bool:
+    """True when the last word is a command word or a name's word with a dangling word glued on.
+
+    Whisper-base writes a trailing "de" cut off by a pause into the word before it:
+    "minuteurde" is "minuteur" + "de", and the speaker was still on the sentence. Only a
+    word neither in the templates nor in the names, whose stem (5+ letters) is, counts.
+    """
+    base = language.split("-")[0].lower()
+    suffixes = GLUED_SUFFIXES.get(base)
+    words = _words(text)
+    if not suffixes or not words:
+        return False
+    last = words[-1]
+    known = command_vocabulary(base) | {w for name in names for w in _words(name)}
+    if last in known:
+        return False
+    return any(
+        last.endswith(suffix) and len(last) - len(suffix) >= MIN_GLUED_STEM and last[: -len(suffix)] in known
+        for suffix in suffixes
+    )
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", unicodedata.normalize("NFC", text).lower())
 
@@ -363,7 +412,9 @@ class TurnJudge:
     def quick_cue(text: str, language: str, names: Sequence[str] = ()) -> TextCue:
         """INCOMPLETE from the trailing words or a stop inside a name; NEUTRAL otherwise (µs)."""
         cue = trailing_cue(text, language)
-        if cue is TextCue.NEUTRAL and inside_a_name(text, names):
+        if cue is TextCue.NEUTRAL and (
+            inside_a_name(text, names) or glued_dangling_word(text, language, names)
+        ):
             return TextCue.INCOMPLETE
         return cue
 
