@@ -390,8 +390,11 @@ class TurnJudge:
         self.templates = templates
 
     async def start(self) -> None:
-        """Load the model and compile the templates of the usual languages (0.2 s each) now."""
+        """Load the model, read the command vocabulary and compile the templates of the usual
+        languages (0.2 s each) now."""
         await self.model.load()
+        for language in GLUED_SUFFIXES:
+            await asyncio.to_thread(command_vocabulary, language)  # 20 ms: not on the first verdict
         if self.templates is not None:
             templates = self.templates
             for language in ("fr", "en"):
