@@ -35,7 +35,6 @@ STAGES = {
     "asr": ("audio_stop_to_transcript", "endpoint_to_transcript", "decode"),
     "handle": ("first_chunk", "generation"),
     "tts": ("first_audio", "synthesis"),
-    "pipeline": ("end_to_end",),
 }
 """Stage names of ``superwhisper_stage_seconds`` per service (dashboards and alerts use them)."""
 
