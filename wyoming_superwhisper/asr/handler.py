@@ -17,12 +17,12 @@ authority when speech after a pause changed the reading.
 Semantic endpointing (``asr.endpointing: semantic`` with ``endpointing_s > 0``):
 at a pause of ``turn_decode_pause_s`` the speculative decode starts; at
 ``turn_pause_s`` Smart Turn reads the audio up to then; when both are in,
-:class:`~.turn.TurnJudge` says whether the sentence is over. The decode runs
-ahead of the verdict so that it is ready when the verdict is due. Over: the utterance ends there (a *cut*);
-not over: ``endpointing_s`` of silence still ends it. After a cut the stream
-goes on in a continuation utterance, whose audio starts at the end of the
-speech that was answered: a speaker who was not done gets a second
-``transcript`` with the rest, no word lost.
+:class:`~.turn.TurnJudge` says whether the sentence is over (the decode runs
+ahead so that it is ready when the verdict is due). Over: the utterance ends
+there (a *cut*); not over: ``endpointing_s`` of silence still ends it. After
+a cut the stream goes on in a continuation utterance, whose audio starts at
+the end of the speech that was answered: a speaker who was not done gets a
+second ``transcript`` with the rest, no word lost.
 """
 
 from __future__ import annotations

@@ -292,13 +292,12 @@ def glued_dangling_word(text: str, language: str, names: Sequence[str] = ()) -> 
     if not suffixes or not words:
         return False
     last = words[-1]
-    known = command_vocabulary(base) | {w for name in names for w in _words(name)}
-    if last in known:
+    vocabulary = command_vocabulary(base)
+    name_words = {w for name in names for w in _words(name)}
+    if last in vocabulary or last in name_words:
         return False
-    return any(
-        last.endswith(suffix) and len(last) - len(suffix) >= MIN_GLUED_STEM and last[: -len(suffix)] in known
-        for suffix in suffixes
-    )
+    stems = (last[: -len(s)] for s in suffixes if last.endswith(s) and len(last) - len(s) >= MIN_GLUED_STEM)
+    return any(stem in vocabulary or stem in name_words for stem in stems)
 
 
 def _words(text: str) -> list[str]:
@@ -413,7 +412,8 @@ class TurnJudge:
 
     @staticmethod
     def quick_cue(text: str, language: str, names: Sequence[str] = ()) -> TextCue:
-        """INCOMPLETE from the trailing words or a stop inside a name; NEUTRAL otherwise (µs)."""
+        """INCOMPLETE from the trailing words, a stop inside a name or a dangling word glued
+        onto the last one; NEUTRAL otherwise (µs)."""
         cue = trailing_cue(text, language)
         if cue is TextCue.NEUTRAL and (
             inside_a_name(text, names) or glued_dangling_word(text, language, names)
