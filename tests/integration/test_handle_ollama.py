@@ -21,6 +21,7 @@ import pytest_asyncio
 from prometheus_client import generate_latest
 
 from wyoming_superwhisper.handle.home import home_of
+from wyoming_superwhisper.handle.intents import state_unknown
 from wyoming_superwhisper.handle.ollama import chat_messages
 from wyoming_superwhisper.handle.service import HandleService
 from wyoming_superwhisper.handle.toolcalls import validate_call
@@ -222,5 +223,15 @@ async def test_a_command_nothing_matched_is_not_guessed_when_no_level_may_act(
         client, [*system, {"role": "user", "content": "Quelle est la capitale de l'Italie ?"}]
     )
     assert not calls and said.strip() and "appareil" not in said, "a question is the model's to answer"
+    # A state question the templates missed: the words-only model would make the state up
+    # (SmolLM2 once answered "The living room is on." to a misheard "Is the living room life on?").
+    for text, expected in (
+        ("Est-ce que la lumière du garage est allumée ?", state_unknown("fr")),
+        ("Le salon est-il bien chauffé en ce moment ?", state_unknown("fr")),
+        ("Is the salon life on?", state_unknown("en")),
+    ):
+        said, calls = await _chat(client, [*system, {"role": "user", "content": text}])
+        assert (said, calls) == (expected, []), text
     metrics_text = generate_latest(RUNNING["handle"].context.metrics.registry).decode()
     assert 'superwhisper_handle_local_intents_total{reason="not_understood"} 3.0' in metrics_text
+    assert 'superwhisper_handle_local_intents_total{reason="state_unknown"} 3.0' in metrics_text

@@ -8,6 +8,7 @@ agent makes for the sentence: right tool, right entity, right value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from wyoming_superwhisper.handle.home import Home, exposed_entities, home_of
 from wyoming_superwhisper.handle.intents import (
     IntentRecognizer,
+    asks_for_a_state,
     confirmation,
     fast_answer,
     follow_up_call,
@@ -24,6 +26,7 @@ from wyoming_superwhisper.handle.intents import (
     mended,
     not_understood,
     state_answer,
+    state_unknown,
     with_article,
 )
 from wyoming_superwhisper.handle.ollama import chat_messages
@@ -325,3 +328,32 @@ def test_a_command_is_told_from_a_question(text: str, language: str, command: bo
     assert looks_like_command(text, language) is command
     assert not_understood(language).endswith("?")
 
+
+@pytest.mark.parametrize(
+    ("text", "language", "about_the_home"),
+    [
+        ("Is the living room life on?", "en", True),  # misheard "light": the room is enough
+        ("Is the kitchen light on?", "en", True),
+        ("Est-ce que la cafetière est allumée ?", "fr", True),
+        ("Quelle température fait-il au salon ?", "fr", True),
+        ("La lumière du bureau est-elle éteinte ?", "fr", True),
+        ("Le volet du salon est ouvert ?", "fr", True),
+        ("Quelle est la capitale de l'Italie ?", "fr", False),
+        ("Quelle heure est-il ?", "fr", False),
+        ("What is the weather like?", "en", False),
+        ("Allume la lumière du salon.", "fr", False),  # a command, not a question
+        ("Raconte-moi une histoire sur la cuisine.", "fr", False),
+    ],
+)
+def test_a_question_about_the_home_is_told_from_other_questions(
+    home: Home, text: str, language: str, about_the_home: bool
+) -> None:
+    # Home Assistant lists an area's aliases after its name: "Salon" is also "living room".
+    bilingual = Home(
+        entities=tuple(
+            dataclasses.replace(e, areas=(*e.areas, "living room") if "Salon" in e.areas else e.areas)
+            for e in home.entities
+        )
+    )
+    assert asks_for_a_state(text, language, bilingual) is about_the_home
+    assert state_unknown(language).endswith("?")

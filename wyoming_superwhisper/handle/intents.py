@@ -673,6 +673,58 @@ def looks_like_command(text: str, language: str) -> bool:
     return mended_first[0].strip(",.!?").casefold() in _COMMAND_VERBS.get(_base(language), frozenset())
 
 
+_QUESTION_WORDS = {
+    "fr": frozenset(
+        ["est-ce", "quel", "quelle", "quels", "quelles", "combien", "comment", "où", "qu'est-ce"]
+    ),
+    "en": frozenset(["is", "are", "was", "were", "does", "do", "did", "what", "which", "how", "where"]),
+}
+_FRENCH_DEVICE_WORDS = """
+    lumière lumières lampe lampes chauffage radiateur thermostat température volet volets store
+    stores porte portes fenêtre fenêtres prise prises interrupteur ventilateur serrure capteur
+    alarme télé télévision climatisation clim allumé allumée allumés allumées éteint éteinte
+    éteints éteintes ouvert ouverte ouverts ouvertes fermé fermée fermés fermées
+"""
+_ENGLISH_DEVICE_WORDS = """
+    light lights lamp lamps heating heater radiator thermostat temperature blind blinds shutter
+    shutters cover covers door doors window windows plug plugs switch switches fan fans lock locks
+    sensor alarm tv television
+"""
+_DEVICE_WORDS = {
+    "fr": frozenset(_FRENCH_DEVICE_WORDS.split()),
+    "en": frozenset(_ENGLISH_DEVICE_WORDS.split()),
+}
+"""Words that make a question one about the home's devices (their plural and state words too)."""
+
+
+def asks_for_a_state(text: str, language: str, home: Home) -> bool:
+    """Is this a question about a device or a room of the home (its answer is a live state)?
+
+    A question: a "?" or a question word first. About the home: a device word
+    (:data:`_DEVICE_WORDS`) or an exposed name or area in it. "Quelle est la capitale
+    de l'Italie ?" is not; "Is the living room life on?" (misheard) is.
+    """
+    base = _base(language)
+    words = [_fold(w) for w in re.findall(r"[\w'’-]+", text.replace("’", "'"))]
+    if not words:
+        return False
+    question_words = {_fold(w) for w in _QUESTION_WORDS.get(base, frozenset())}
+    if not (text.rstrip().endswith("?") or words[0] in question_words or words[0].startswith("est-ce")):
+        return False
+    device_words = {_fold(w) for w in _DEVICE_WORDS.get(base, frozenset())}
+    if any(w in device_words for w in words):
+        return True
+    folded = " " + " ".join(words) + " "
+    return any(f" {_fold(name)} " in folded for name in (*home.names, *home.areas) if name.strip())
+
+
+def state_unknown(language: str) -> str:
+    """What a question about the home gets when no template matched and no level may read it."""
+    if _base(language) == "fr":
+        return "Je n'ai pas compris de quel appareil vous parlez. Pouvez-vous répéter ?"
+    return "I did not understand which device you mean. Could you say it again?"
+
+
 def not_understood(language: str) -> str:
     """What a command no template matched gets when no level may act on the home."""
     if _base(language) == "fr":

@@ -52,7 +52,15 @@ from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .conversation import Turn, build_messages
 from .engines import ChatEngine, ChatRequest, LlamaCppEngine, OpenAIEngine
 from .home import Home, home_of
-from .intents import FastAnswer, IntentRecognizer, fast_answer, looks_like_command, not_understood
+from .intents import (
+    FastAnswer,
+    IntentRecognizer,
+    asks_for_a_state,
+    fast_answer,
+    looks_like_command,
+    not_understood,
+    state_unknown,
+)
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
@@ -449,12 +457,17 @@ class HandleService(WyomingService):
             _LOGGER.exception("handle: local intents failed; the model answers")
             return None
         if fast is None and not any(engine.supports_tools for engine in self.chain.engines):
-            # No level may act: a command the templates missed gets the truth, not a guess.
+            # No level may act: a command or a state question the templates missed gets the truth,
+            # not a guess.
             text = next(
                 (str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), ""
             )
-            if messages and messages[-1].get("role") == "user" and looks_like_command(text, language):
-                fast = FastAnswer(text=not_understood(language), reason="not_understood")
+            if messages and messages[-1].get("role") == "user":
+                if looks_like_command(text, language):
+                    fast = FastAnswer(text=not_understood(language), reason="not_understood")
+                elif home.entities and asks_for_a_state(text, language, home):
+                    # A words-only model would state a device's state it never read.
+                    fast = FastAnswer(text=state_unknown(language), reason="state_unknown")
         if fast is None or not (fast.text or fast.tool_call):
             return None
         self.context.metrics.local_intents.labels(fast.reason).inc()

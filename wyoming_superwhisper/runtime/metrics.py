@@ -121,7 +121,8 @@ class Metrics:
             "superwhisper_handle_local_intents_total",
             "Home requests answered from Home Assistant's sentence templates without a model, by "
             "reason (intent: a matched command; follow_up: a pronoun; confirmation, state: the words "
-            "after a tool result; not_understood: a command nothing matched and no level may act)",
+            "after a tool result; not_understood: a command nothing matched and no level may act; "
+            "state_unknown: a question about a device's state that no level may read)",
             ["reason"],
             registry=r,
         )
