@@ -27,6 +27,7 @@ from wyoming.event import Event
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from tests.conftest import make_context, make_settings, requires_espeak, serving
+from wyoming_superwhisper.config import ConfigError
 from wyoming_superwhisper.runtime.server import ServiceServer
 from wyoming_superwhisper.tts.sentences import normalize
 from wyoming_superwhisper.tts.service import TtsService
@@ -410,6 +411,30 @@ async def test_french_is_never_read_by_an_english_voice() -> None:
     assert french[-1].type == "error" and french[-1].data["code"] == "synthesis-failed"
     assert not any(e.type == "audio-chunk" for e in french)
     pcm_of(english)
+
+
+async def test_a_voice_without_noise_says_a_text_the_same_way_every_time() -> None:
+    """``noise_scale``/``noise_w`` 0: the same audio for the same text (what a test's
+    prompts need); the voice's own noise gives a new take each time; a bad value names its key."""
+    takes: dict[str, list[bytes]] = {}
+    for label, options in (("still", {"noise_scale": 0, "noise_w": 0}), ("own", {})):
+        settings = make_settings(
+            **{"tts.language": "en", "tts.voices": {"en": [{"model": "piper-joe", "options": options}]}}
+        )
+        async with serving(TtsService(make_context(settings))) as server:
+            assert server.port is not None
+            takes[label] = [pcm_of(await synthesize(server.port, ENGLISH[1]))[1] for _ in range(2)]
+    assert takes["still"][0] == takes["still"][1]
+    assert takes["own"][0] != takes["own"][1]
+    settings = make_settings(
+        **{
+            "tts.language": "en",
+            "tts.voices": {"en": [{"model": "piper-joe", "options": {"noise_w": "loud"}}]},
+        }
+    )
+    with pytest.raises(ConfigError) as raised:
+        TtsService(make_context(settings))
+    assert raised.value.key == "tts.voices.en[0].options.noise_w", raised.value
 
 
 @pytest.mark.parametrize(

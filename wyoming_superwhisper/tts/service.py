@@ -131,6 +131,8 @@ def build_engine(
             device=planned.device,
             speaker=None if speaker is None else str(speaker),
             length_scale=float(options.get("length_scale", 1.0)),
+            noise_scale=_optional_float(options, "noise_scale", planned.key),
+            noise_w=_optional_float(options, "noise_w", planned.key),
             warm_text="Bonjour." if "fr" in spec.languages else "Hello.",
             chunked=settings.chunked_decode,
             split_dir=split_dir,
@@ -162,6 +164,20 @@ def build_engine(
             native_rate=int(options.get("sample_rate", 22050)),
         )
     raise ConfigError(planned.key, "configuration", f"{spec.ref} is a {spec.kind} model, not a voice")
+
+
+def _optional_float(options: dict[str, Any], name: str, key: str) -> float | None:
+    """A voice option that is a number ≥ 0, or None when not given (the voice's own value)."""
+    value = options.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number < 0:
+        raise ConfigError(f"{key}.options.{name}", "configuration", f"must be a number ≥ 0, not {value!r}")
+    return number
 
 
 def voice_name(level: EngineLevel) -> str:
