@@ -73,10 +73,33 @@ def _pieces(text: str) -> list[str]:
 
 def test_streamed_sentence_is_released_before_the_text_ends() -> None:
     splitter = SentenceSplitter()
-    assert splitter.feed("Bonjour M. Dupont.") == []  # the next word decides
-    assert splitter.feed(" Il") == ["Bonjour M. Dupont."]
-    assert splitter.feed(" fait beau.") == []
-    assert splitter.flush() == ["Il fait beau."]
+    assert splitter.feed("Bonjour M") == []
+    assert splitter.feed(".") == []  # "M." is not an end: the next word decides
+    assert splitter.feed(" Dupont") == []
+    assert splitter.feed(".") == ["Bonjour M. Dupont."]  # a plain word and its dot: at once
+    assert splitter.feed(" Il fait beau") == []
+    assert splitter.flush() == ["Il fait beau"]
+
+
+@pytest.mark.parametrize(
+    ("written", "released"),
+    [
+        ("Il fait beau.", ["Il fait beau."]),
+        ("Tu viens ?", ["Tu viens ?"]),
+        ("Quelle belle journée !", ["Quelle belle journée !"]),
+        ("Eh bien...", []),  # "Eh bien... je crois": the next letter decides
+        ("Il fait 21.", []),  # "21.5"
+        ("Voyez la p.", []),  # an abbreviation
+        ("Du pain, du lait, etc.", []),  # "etc. et le reste"
+        ("Signé J.", []),  # an initial
+        ("Il a dit « bonjour.", []),  # the guillemet closes after the dot
+        ("Il a dit « bonjour. »", ["Il a dit « bonjour. »"]),
+    ],
+)
+def test_a_sentence_is_released_when_its_mark_arrives_if_nothing_can_follow_it(
+    written: str, released: list[str]
+) -> None:
+    assert SentenceSplitter().feed(written) == released
 
 
 LONG_FIRST = (

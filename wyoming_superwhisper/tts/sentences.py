@@ -18,8 +18,12 @@ whole texts with the same rules:
   a clause boundary or a space, so that one run-on sentence cannot hold the
   audio back.
 
-Because a boundary is only known when the character after the white space is
-seen, a streamed sentence is released with the first letter of the next one.
+A streamed sentence that ends on a plain word (two letters or more, not an
+abbreviation, not a number) and a single ``.``, ``!`` or ``?`` is released as
+soon as its mark arrives: an LLM's next sentence may be a whole sentence away
+(a handle holding its text back releases it sentence by sentence), and the
+voice should not wait for it. After an ellipsis, an initial, a number or an
+abbreviation the boundary is only known when the next letter is seen.
 
 The normalizer turns what an LLM writes into what a voice should say:
 markdown and emoji are removed; in French, numbers, times ("14h30"),
@@ -183,7 +187,7 @@ def _sentence_end(text: str, *, final: bool) -> int | None:
             break
         after = text[match.end() :].lstrip()
         if not after:
-            if final:
+            if final or _ends_for_sure(text[: match.start()], match.group(0)):
                 return match.end()
             return None  # the next word is not here yet: wait for it
         if _is_boundary(text[: match.start()], match.group(0), after[0]):
@@ -191,6 +195,28 @@ def _sentence_end(text: str, *, final: bool) -> int | None:
     if newline != -1:
         return newline + 1
     return None
+
+
+_SURE_MARK = re.compile(r"[.!?](?:[ \u00a0\u202f]?[»”])?[\"’')\]]*")
+
+
+def _ends_for_sure(before: str, punctuation: str) -> bool:
+    """A mark that ends the sentence whatever comes next: one ``.``, ``!`` or ``?`` after a
+    plain word ("Il fait beau."), not after "M", "etc", "3" or "..." (the next letter decides)."""
+    if not _SURE_MARK.fullmatch(punctuation):
+        return False
+    word_match = _WORD_BEFORE.search(before)
+    word = word_match.group(1) if word_match else ""
+    if len(word) < 2 or not word.isalpha() or word.lower() in NEVER_FINAL or word.lower() == "etc":
+        return False
+    # A quotation or a bracket still open: its closing mark belongs to this sentence.
+    quoted = before + punctuation
+    return (
+        quoted.count("«") <= quoted.count("»")
+        and quoted.count("“") <= quoted.count("”")
+        and quoted.count("(") <= quoted.count(")")
+        and quoted.count('"') % 2 == 0
+    )
 
 
 def _is_boundary(before: str, punctuation: str, next_char: str) -> bool:
