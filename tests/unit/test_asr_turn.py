@@ -212,6 +212,23 @@ async def test_templates_are_read_only_when_they_can_change_the_verdict(
     assert (verdict.complete, verdict.reason, templates.calls) == (complete, reason, template_calls)
 
 
+@pytest.mark.parametrize(
+    ("text", "complete", "cue"),
+    [
+        ("allume la cuisine,", True, TextCue.COMMAND),  # whisper's comma after a whole command
+        ("allume la,", False, TextCue.INCOMPLETE),  # the words before the comma dangle
+        ("je voudrais savoir,", False, TextCue.INCOMPLETE),  # no command: the comma holds the turn
+        ("allume la cuisine...", False, TextCue.INCOMPLETE),  # an ellipsis is not a comma
+    ],
+)
+async def test_a_comma_after_a_whole_command_lets_the_audio_decide(
+    text: str, complete: bool, cue: TextCue
+) -> None:
+    judge = TurnJudge(_Says(0.3), threshold=0.5, templates=_Templates("allume la cuisine"))
+    verdict = await judge.judge(text, "fr", audio=np.zeros(16000, np.float32))
+    assert (verdict.complete, verdict.cue) == (complete, cue), verdict
+
+
 async def test_words_whisper_doubts_never_end_a_turn() -> None:
     judge = TurnJudge(_Crashing(), templates=_Templates("allume la cuisine"))
     verdict = await judge.judge(

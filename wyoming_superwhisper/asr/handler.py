@@ -359,12 +359,13 @@ class AsrHandler(EventHandler):
         decision = "stale" if not current else "complete" if verdict.complete else "incomplete"
         decisions.labels(decision, verdict.reason).inc()
         _LOGGER.debug(
-            "asr %s: turn %s (%s, p=%s, text %s, %.0f ms): %r",
+            "asr %s: turn %s (%s, p=%s, text %s, logprob %.2f, %.0f ms): %r",
             self.connection.peer,
             decision,
             verdict.reason,
             "-" if verdict.probability is None else f"{verdict.probability:.2f}",
             verdict.cue.value,
+            decoded.result.avg_logprob,
             verdict.seconds * 1000,
             decoded.result.text,
         )
