@@ -41,6 +41,8 @@ class SharedEngine:
         self.quality = inner.quality
         self.model_name = inner.model_name
         self.languages = inner.languages
+        self.decoded_seconds: list[float] = []
+        """The length of every request's audio, in order (what the server handed to Whisper)."""
 
     async def load(self) -> None:
         await self.inner.load()
@@ -49,6 +51,7 @@ class SharedEngine:
         """The module fixture closes the real engine."""
 
     async def transcribe(self, request: AsrRequest, cancel: threading.Event | None = None) -> AsrResult:
+        self.decoded_seconds.append(request.seconds)
         return await self.inner.transcribe(request, cancel)
 
 

@@ -31,7 +31,7 @@ from tests.conftest import espeak_pcm, requires_espeak
 from tests.integration.conftest import SharedEngine
 from tests.integration.conftest import running as running_on
 from wyoming_superwhisper.asr.client import pcm_bytes
-from wyoming_superwhisper.asr.engines import AsrRequest, WhisperEngine, normalize
+from wyoming_superwhisper.asr.engines import WhisperEngine, normalize
 from wyoming_superwhisper.asr.service import AsrService
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow, requires_espeak]
@@ -178,19 +178,18 @@ async def test_a_sentence_paused_in_the_middle_is_not_cut(
     lead = silence(0.3)
     sentence = paused_sentence(before, after, 0.9, voice)
     audio = np.concatenate([lead, sentence, silence(3.0)])
-    async with running(whisper, endpointing_s=MAX_SILENCE_S, endpointing="semantic") as (service, server):
+    shared = SharedEngine(whisper)
+    async with running_on([shared], endpointing_s=MAX_SILENCE_S, endpointing="semantic") as (service, server):
         result = await stream(server.port or 0, audio, language=voice)
         assert decisions(service, "complete") <= 1  # at most once, at the very end
     ((arrived, text),) = result.transcripts()
     assert arrived > result.at(len(lead) + len(sentence)), "answered before the sentence was over"
     assert expected <= words(text), text
-    # No part lost: at most one word short of what Whisper reads in the whole sentence decoded at
-    # once (whisper-base merges "on the" into "over" at times; with "living room lamp" as a hint
-    # it may read that name alone, pause or not).
-    whole = np.concatenate([lead, sentence, silence(0.2)]).astype(np.float32) / 32768.0
-    reading = await whisper.transcribe(AsrRequest(whole, voice, names=tuple(NAMES)))
-    said = min(len(re.findall(r"\w+", f"{before} {after}")), len(re.findall(r"\w+", reading.text)))
-    assert len(re.findall(r"\w+", text)) >= said - 1, (text, reading.text)
+    # No part lost: the decode that gave the transcript (the last one) held the whole sentence,
+    # both halves and the pause. (Its words cannot say it: with "living room lamp" as a hint,
+    # whisper-base reads espeak's whole sentence as that name alone or not, depending on a few
+    # samples of the tail: it did on one CPU and not on another.)
+    assert shared.decoded_seconds[-1] >= len(sentence) / RATE - 0.05, (shared.decoded_seconds, text)
 
 
 async def test_speech_after_a_cut_is_not_lost(whisper: WhisperEngine) -> None:
