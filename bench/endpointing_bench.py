@@ -11,12 +11,16 @@ espeak``: whisper-base garbles its French, and doubts it). Two sets:
 
 * complete commands (10 French, 5 English), speech then silence: latency
   from the end of speech (its last sample sent) to the ``transcript``, p50/p95;
-* sentences with a pause in the middle (10 French, 5 English): the natural
-  voices say the words before the pause with a trailing "…" (a hesitant,
-  unfinished ending) and the rest apart, ``--pause`` seconds of silence
-  between; espeak-ng's comma pause is stretched to ``--pause`` instead. A
-  *false cut-off* is a transcript that arrives before the words after the
-  pause were sent.
+* sentences with a pause in the middle (25 French, 15 English): the natural
+  voices pause in two ways (``--styles``): ``trailing``, the words before the
+  pause said apart with a trailing "…" (an unfinished ending, but a falling
+  tone), and ``cut``, the whole sentence said at once and cut at the word
+  boundary (found by Whisper's word timestamps), so the first half keeps the
+  pitch of a sentence that goes on; ``--pause`` seconds of silence between.
+  espeak-ng's comma pause is stretched to ``--pause`` instead. A *false
+  cut-off* is a transcript that arrives before the words after the pause were
+  sent; those whose first half is a whole sentence itself ("Allume la
+  lumière… du salon") are counted apart too.
 
 Also the cost of one Smart Turn verdict: the model in process and through
 its worker (``server.engine_workers``), p50 over 30 runs.
@@ -103,7 +107,46 @@ PAUSED = [
     ("en", "What is the weather like", "tomorrow?"),
     ("en", "Close the garage door and", "turn off the lights."),
     ("en", "Turn off the lights in", "the kitchen."),
+    # Added 2026-12-07 (15 became 40): where people stop to find the next word.
+    ("fr", "Allume la lumière de", "la chambre."),
+    ("fr", "Mets le chauffage à", "vingt et un degrés."),
+    ("fr", "Ferme les volets du", "salon."),
+    ("fr", "Quelle température fait-il dans", "le bureau ?"),
+    ("fr", "Éteins toutes les lumières", "du rez-de-chaussée."),
+    ("fr", "Lance la musique dans", "la cuisine."),
+    ("fr", "Baisse le volume de", "la télé."),
+    ("fr", "Rappelle-moi d'acheter", "du pain."),
+    ("fr", "Est-ce que la porte du garage", "est fermée ?"),
+    ("fr", "Allume la lampe", "de chevet."),
+    ("fr", "Quel temps fera-t-il", "demain matin ?"),
+    ("fr", "Ajoute du lait à", "la liste de courses."),
+    ("fr", "Ouvre la porte", "du garage."),
+    ("fr", "Mets un minuteur pour", "les pâtes."),
+    ("fr", "Combien de temps reste-t-il sur", "le minuteur ?"),
+    ("en", "Turn on the lights in", "the bedroom."),
+    ("en", "Set the heating to", "twenty one degrees."),
+    ("en", "What is the temperature in", "the living room?"),
+    ("en", "Close the blinds in", "the office."),
+    ("en", "Play some music in", "the kitchen."),
+    ("en", "Add milk to", "the shopping list."),
+    ("en", "Is the front door", "locked?"),
+    ("en", "Turn off all the lights", "downstairs."),
+    ("en", "Remind me to call", "my mother."),
+    ("en", "How long is left on", "the timer?"),
 ]
+WHOLE_BEFORE = frozenset(
+    [
+        "Allume la lumière",
+        "Allume la lampe",
+        "Ouvre la porte",
+        "Éteins toutes les lumières",
+        "Quel temps fera-t-il",
+        "What is the weather like",
+        "Turn off all the lights",
+    ]
+)
+"""First halves that are a whole command or question themselves: only the voice can tell
+that more is coming (reported apart: ``false_cuts_whole_before``)."""
 NAMES = [
     "lumière du salon",
     "salon",
@@ -199,6 +242,41 @@ async def stream(port: int, audio: np.ndarray, language: str) -> tuple[float, fl
     return started, arrived[0][0], arrived[0][1]
 
 
+class VerdictLog(logging.Handler):
+    """The ASR handler's end-of-turn verdicts (its debug line), kept per streamed clip: what the
+    judge heard at each pause, Smart Turn's probability and the text cue."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.verdicts: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (isinstance(record.msg, str) and record.msg.startswith("asr %s: turn ") and record.args):
+            return
+        try:
+            _, decision, reason, probability, cue, logprob, _ms, text = record.args  # type: ignore[misc]
+        except ValueError:  # the line changed: say so, never raise into the server
+            self.handleError(record)
+            return
+        self.verdicts.append(
+            {
+                "decision": decision,
+                "reason": reason,
+                "p": probability,
+                "cue": cue,
+                "avg_logprob": round(float(logprob), 3),
+                "text": text,
+            }
+        )
+
+    def take(self) -> list[dict[str, Any]]:
+        taken, self.verdicts = self.verdicts, []
+        return taken
+
+
+VERDICTS = VerdictLog()
+
+
 def decisions(metrics: Metrics) -> dict[str, float]:
     counts: dict[str, float] = {}
     for metric in metrics.endpoint_decisions.collect():
@@ -237,27 +315,48 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
         await stream(port, audio["warm"], "fr")  # first decode pays CTranslate2's warm-up
         for (language, text), (speech, lead) in zip(COMPLETE, audio["complete"], strict=True):
             clip = np.concatenate([np.zeros(lead, np.int16), speech, np.zeros(int(3.0 * RATE), np.int16)])
+            VERDICTS.take()
             started, at, heard = await stream(port, clip, language)
             latency = at - (started + (lead + len(speech)) / RATE)
-            complete_rows.append({"language": language, "text": text, "heard": heard, "latency_s": latency})
-            _LOGGER.info("%s complete %-40s %.3f s  %r", mode, text, latency, heard)
-        before_paused = decisions(metrics)
-        for (language, before, after), (sentence, resume, lead) in zip(PAUSED, audio["paused"], strict=True):
-            clip = np.concatenate([np.zeros(lead, np.int16), sentence, np.zeros(int(3.0 * RATE), np.int16)])
-            started, at, heard = await stream(port, clip, language)
-            resumed_at = started + (lead + resume) / RATE
-            cut = bool(at < resumed_at)
-            paused_rows.append(
+            complete_rows.append(
                 {
                     "language": language,
-                    "text": f"{before}… {after}",
+                    "text": text,
                     "heard": heard,
-                    "false_cut": cut,
-                    "transcript_after_end_s": at - (started + (lead + len(sentence)) / RATE),
+                    "latency_s": latency,
+                    "verdicts": VERDICTS.take(),
                 }
             )
-            _LOGGER.info("%s paused %-45s cut=%s %r", mode, f"{before}… {after}", cut, heard)
+            _LOGGER.info("%s complete %-40s %.3f s  %r", mode, text, latency, heard)
+        before_paused = decisions(metrics)
+        for style, clips in audio["paused"].items():
+            for (language, before, after), made in zip(PAUSED, clips, strict=True):
+                if made is None:
+                    continue
+                sentence, resume, lead = made
+                clip = np.concatenate(
+                    [np.zeros(lead, np.int16), sentence, np.zeros(int(3.0 * RATE), np.int16)]
+                )
+                VERDICTS.take()
+                started, at, heard = await stream(port, clip, language)
+                resumed_at = started + (lead + resume) / RATE
+                cut = bool(at < resumed_at)
+                paused_rows.append(
+                    {
+                        "style": style,
+                        "language": language,
+                        "text": f"{before}… {after}",
+                        "whole_before": before in WHOLE_BEFORE,
+                        "heard": heard,
+                        "false_cut": cut,
+                        "transcript_after_end_s": at - (started + (lead + len(sentence)) / RATE),
+                        "verdicts": VERDICTS.take(),
+                    }
+                )
+                _LOGGER.info("%s %s paused %-45s cut=%s %r", mode, style, f"{before}… {after}", cut, heard)
         after_paused = decisions(metrics)
+        if mode == "semantic" and not any(row["verdicts"] for row in complete_rows):
+            _LOGGER.warning("semantic: no verdict was recorded: the judge did not run (see the server's log)")
     finally:
         await server.stop(2.0)
         await service.stop()
@@ -292,6 +391,19 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
             "false_cuts": sum(cuts),
             "false_cut_rate": sum(cuts) / len(cuts),
             "target_rate": 0.02,
+            "by_style": {
+                style: {
+                    "count": sum(1 for r in paused_rows if r["style"] == style),
+                    "false_cuts": sum(r["false_cut"] for r in paused_rows if r["style"] == style),
+                    "false_cuts_whole_before": sum(
+                        r["false_cut"] for r in paused_rows if r["style"] == style and r["whole_before"]
+                    ),
+                    "whole_before_count": sum(
+                        1 for r in paused_rows if r["style"] == style and r["whole_before"]
+                    ),
+                }
+                for style in audio["paused"]
+            },
             "rows": paused_rows,
         },
         "by_language": by_language,
@@ -336,6 +448,30 @@ def stretch_pause(whole: np.ndarray, pause_s: float) -> tuple[np.ndarray, int]:
     return np.concatenate([head, silence, tail]), len(head) + len(silence)
 
 
+def word_boundary(aligner: Any, speech: np.ndarray, before: str, language: str) -> int | None:
+    """Where ``before``'s last word ends in ``speech`` (samples), from Whisper's word
+    timestamps; None when the words heard do not start with ``before``'s."""
+    import difflib
+    import unicodedata
+
+    def fold(word: str) -> str:
+        bare = unicodedata.normalize("NFD", word.casefold().strip(" ,.!?…"))
+        return "".join(c for c in bare if unicodedata.category(c) != "Mn")
+
+    segments, _ = aligner.transcribe(
+        speech.astype(np.float32) / 32768.0, language=language, word_timestamps=True, beam_size=5
+    )
+    words = [w for segment in segments for w in (segment.words or [])]
+    said = before.split()
+    if len(words) <= len(said):
+        return None
+    heard = " ".join(fold(w.word) for w in words[: len(said)])
+    if difflib.SequenceMatcher(None, heard, " ".join(fold(w) for w in said)).ratio() < 0.8:
+        return None
+    end, start = words[len(said) - 1].end, words[len(said)].start
+    return int(RATE * (end + max(0.0, start - end) / 2))
+
+
 async def natural_speech(args: argparse.Namespace) -> dict[str, Any]:
     """The sets said by our TTS's natural voices (Kokoro French, Piper joe English)."""
     from bench.e2e_bench import free_port, server
@@ -347,19 +483,42 @@ async def natural_speech(args: argparse.Namespace) -> dict[str, Any]:
         async with server("tts", tts_command(port), port, Path(logs)):
             warm = await speak(port, "Bonjour.", "fr")
             complete = [(await speak(port, text, language), lead) for language, text in COMPLETE]
-            paused_audio = []
+            silence = np.zeros(int(args.pause * RATE), np.int16)
+            paused_audio: dict[str, list[tuple[np.ndarray, int, int] | None]] = {"trailing": [], "cut": []}
+            wholes = []
             for language, before, after in PAUSED:
                 # Said apart, the halves keep an exact seam: a natural voice barely pauses at a
                 # comma after "du", so no silence in the whole sentence marks where to stretch.
-                # "…" gives the first half a hesitant, unfinished ending.
+                # "…" gives the first half a hesitant, unfinished ending (a falling tone).
                 head = await speak(port, f"{before}…", language)
                 tail = await speak(port, after, language)
-                silence = np.zeros(int(args.pause * RATE), np.int16)
-                paused_audio.append((np.concatenate([head, silence, tail]), len(head) + len(silence), lead))
+                paused_audio["trailing"].append(
+                    (np.concatenate([head, silence, tail]), len(head) + len(silence), lead)
+                )
+                if "cut" in args.styles:
+                    wholes.append(await speak(port, f"{before} {after}", language))
+    if "cut" in args.styles:
+        # The whole sentence cut at the word boundary: the voice does not know a pause is
+        # coming, so the first half keeps the pitch of a sentence that goes on.
+        from faster_whisper import WhisperModel
+
+        settings = settings_for("fixed", 0.8)
+        path = ModelRegistry.from_settings(settings).resolve("whisper-base").entry_path
+        aligner = WhisperModel(str(path), device="cpu", compute_type="int8")
+        for (language, before, _), whole in zip(PAUSED, wholes, strict=True):
+            at = word_boundary(aligner, whole, before, language)
+            if at is None:
+                _LOGGER.warning("cut: no word boundary found after %r: left out", before)
+                paused_audio["cut"].append(None)
+                continue
+            paused_audio["cut"].append(
+                (np.concatenate([whole[:at], silence, whole[at:]]), at + len(silence), lead)
+            )
+        del aligner
     return {
         "warm": np.concatenate([np.zeros(lead, np.int16), warm, np.zeros(2 * RATE, np.int16)]),
         "complete": complete,
-        "paused": paused_audio,
+        "paused": {style: paused_audio[style] for style in args.styles},
     }
 
 
@@ -373,9 +532,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 [np.zeros(lead, np.int16), espeak("Bonjour.", "fr"), np.zeros(2 * RATE, np.int16)]
             ),
             "complete": [(espeak(text, language), lead) for language, text in COMPLETE],
-            "paused": [
-                (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
-            ],
+            "paused": {
+                "comma": [
+                    (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
+                ]
+            },
         }
     modes = {"fixed": await run_mode("fixed", args, audio)}
     for turn_pause in args.turn_pause:
@@ -420,10 +581,21 @@ def main(argv: list[str] | None = None) -> int:
         default="natural",
         help="who says the sets: our TTS's natural voices (Kokoro, Piper joe) or espeak-ng",
     )
+    parser.add_argument(
+        "--styles",
+        type=lambda text: text.split(","),
+        default=["trailing", "cut"],
+        help="how the natural voices pause: trailing (first half said apart, ending in '…'), "
+        "cut (the whole sentence cut at the word boundary)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wyoming_superwhisper").setLevel(logging.WARNING)
+    handler_log = logging.getLogger("wyoming_superwhisper.asr.handler")
+    handler_log.setLevel(logging.DEBUG)  # its verdict lines, kept per clip, not printed
+    handler_log.propagate = False
+    handler_log.addHandler(VERDICTS)
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.voice == "natural" else "-espeak"
@@ -434,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{mode:9s} complete p50 {complete['p50_s']:.3f} s (p95 {complete['p95_s']:.3f}); "
             f"false cut-offs {data['paused']['false_cuts']}/{data['paused']['count']} "
-            f"({100 * data['paused']['false_cut_rate']:.0f} %); by language {data['by_language']}"
+            f"({100 * data['paused']['false_cut_rate']:.0f} %); by style {data['paused']['by_style']}; "
+            f"by language {data['by_language']}"
         )
     print(f"smart turn: {results['smart_turn_cost']}")
     print(f"written {path}")
