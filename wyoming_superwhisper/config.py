@@ -225,6 +225,12 @@ class HandleSettings:
     the holdback then only trims loops."""
     queue_size: int = 4
     """Requests in flight at most (generating or waiting for a model); more get ``busy``."""
+    cpu_nice: int = 10
+    """How much lower the local models' CPU priority is than speech's (Unix nice, 0–19). On a
+    shared CPU the model goes on writing an answer while the TTS renders its first sentence and
+    while the ASR decodes the next request: at the same priority each slows the other by up to
+    2× (Kokoro's first sentence 0.90 → 1.86 s beside SmolLM2 on 2 cores, 0.97 s at nice 10).
+    Applies to models in worker processes (``server.engine_workers``); 0: the same priority."""
     failure_threshold: int = 3
     cooldown_s: float = 30.0
     api_host: str = "0.0.0.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -88,6 +89,18 @@ async def test_streamed_chunks_make_the_final_answer(handle: tuple[HandleService
     ) >= 1
     generation = {"service": "handle", "stage": "generation", "fallback_level": "0"}
     assert (registry.get_sample_value("superwhisper_stage_seconds_count", generation) or 0) >= 1
+
+
+async def test_the_model_runs_below_speech_cpu_priority(handle: tuple[HandleService, ServiceServer]) -> None:
+    """``handle.cpu_nice`` (10 by default): the model's worker process yields the CPU to the ASR
+    and the TTS, which share this process's priority."""
+    service, _ = handle
+    engine = service.chain.engines[0]
+    assert isinstance(engine, EngineWorker)
+    pid = engine.worker_status()["pid"]
+    assert pid and pid != os.getpid()
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + 10)
 
 
 async def test_english_request_answered(handle: tuple[HandleService, ServiceServer]) -> None:

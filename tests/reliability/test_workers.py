@@ -11,6 +11,7 @@ is harmed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -204,6 +205,31 @@ async def test_a_worker_dying_between_requests_opens_its_circuit_at_once() -> No
         assert chain.status()[0]["last_error"] == "crashed: SIGKILL"
     finally:
         await chain.close()
+
+
+async def test_a_worker_runs_at_its_lower_cpu_priority_and_keeps_it_after_a_restart(tmp_path: Path) -> None:
+    engine = supervised(
+        dataclasses.replace(OPTIONS, nice=7),
+        CrashingEngine,
+        "segv",
+        marker=str(tmp_path / "crashed-once"),
+        calls=("transcribe",),
+    )
+    assert isinstance(engine, EngineWorker)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    await engine.load()
+    try:
+        first = engine.worker_status()["pid"]
+        assert os.getpriority(os.PRIO_PROCESS, first) == min(19, ours + 7)
+        with pytest.raises(EngineCrashed):
+            await engine.transcribe(REQUEST)
+        await asyncio.wait_for(engine.transcribe(REQUEST), 30)
+        second = engine.worker_status()["pid"]
+        assert second != first
+        assert os.getpriority(os.PRIO_PROCESS, second) == min(19, ours + 7)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the server's own priority is untouched
+    finally:
+        await engine.close()
 
 
 async def test_a_closed_worker_refuses_calls_clearly() -> None:

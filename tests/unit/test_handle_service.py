@@ -18,9 +18,9 @@ from wyoming.asr import Transcript
 from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
-from wyoming_superwhisper.config import GpuSettings, Settings
+from wyoming_superwhisper.config import ConfigError, GpuSettings, Settings
 from wyoming_superwhisper.handle.engines import ChatDelta, ChatEngine, ChatRequest, LlamaCppEngine
-from wyoming_superwhisper.handle.service import HandleService
+from wyoming_superwhisper.handle.service import HandleService, model_workers
 from wyoming_superwhisper.runtime.fallback import EngineError
 from wyoming_superwhisper.runtime.gpu import GpuDevice, choose_gpu
 from wyoming_superwhisper.runtime.metrics import Metrics
@@ -532,3 +532,16 @@ async def test_a_silent_redis_never_holds_the_event_loop(serve: Any) -> None:
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_cpu_priority_outside_nice_range_is_a_config_error_naming_the_key(nice: int) -> None:
+    with pytest.raises(ConfigError) as error:
+        model_workers(make_settings(**{"handle.cpu_nice": nice}))
+    assert error.value.key == "handle.cpu_nice"
+
+
+def test_local_models_get_the_configured_cpu_priority_only_in_workers() -> None:
+    workers = model_workers(make_settings(**{"handle.cpu_nice": 12}))
+    assert workers is not None and workers.nice == 12
+    assert model_workers(make_settings(**{"server.engine_workers": False})) is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 from collections import OrderedDict
@@ -36,7 +37,7 @@ from typing import Any
 from wyoming.info import Attribution, HandleModel, HandleProgram, Info
 
 from .. import __version__
-from ..config import ConfigError, HandleSettings
+from ..config import ConfigError, HandleSettings, Settings
 from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
 from ..runtime.fallback import (
     AllLevelsFailed,
@@ -148,6 +149,19 @@ def build_engine(planned: PlannedLevel, workers: WorkerOptions | None = None) ->
     return engine
 
 
+def model_workers(settings: Settings) -> WorkerOptions | None:
+    """Worker supervision for the local models, at ``handle.cpu_nice`` below speech's priority."""
+    nice = settings.handle.cpu_nice
+    if not 0 <= nice <= 19:
+        raise ConfigError("handle.cpu_nice", "configuration", f"must be a whole number 0–19, not {nice}")
+    workers = worker_options(settings)
+    if workers is None:
+        if nice:
+            _LOGGER.info("handle: cpu_nice %d not applied: the models run in the server's process", nice)
+        return None
+    return dataclasses.replace(workers, nice=nice)
+
+
 class HandleService(WyomingService):
     """Wyoming ``handle`` server (and, when ``handle.api_port`` is set, the ``/v1`` API)."""
 
@@ -168,7 +182,7 @@ class HandleService(WyomingService):
             for skipped in self.plan.skipped:
                 log = _LOGGER.warning if skipped.degraded else _LOGGER.info
                 log("handle: %s skipped: %s", skipped.key, skipped.reason)
-            workers = worker_options(context.settings)
+            workers = model_workers(context.settings)
             engines = [build_engine(planned, workers) for planned in self.plan.levels]
         self.chain: FallbackChain[ChatEngine] = FallbackChain(
             "handle",

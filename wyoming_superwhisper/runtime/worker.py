@@ -74,6 +74,10 @@ class WorkerOptions:
     start_timeout_s: float = 300.0
     """Process start plus the engine's load, in seconds."""
     log_level: str = "INFO"
+    nice: int = 0
+    """How much lower the child's CPU priority is than the server's (Unix nice increment,
+    0–19): a long generation on a shared CPU then yields to the speech work that holds up
+    what the user hears next (``handle.cpu_nice``); 0: the same priority."""
 
 
 class WorkerState(enum.Enum):
@@ -116,7 +120,7 @@ class _Process:
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(
             target=child_main,
-            args=(child_conn, factory, options.log_level),
+            args=(child_conn, factory, options.log_level, options.nice),
             name=f"superwhisper-worker:{name}",
             daemon=True,
         )
@@ -501,10 +505,15 @@ def _tokens(value: Any) -> Any:
 # --- the child ---------------------------------------------------------------------
 
 
-def child_main(conn: Connection, factory: Callable[[], Any], log_level: str) -> None:
+def child_main(conn: Connection, factory: Callable[[], Any], log_level: str, nice: int = 0) -> None:
     """Entry point of a worker process."""
     faulthandler.enable()  # a native crash prints the Python stack to the journal first
     logging.basicConfig(level=log_level, format=f"%(levelname)s:%(name)s:worker {os.getpid()}: %(message)s")
+    if nice:
+        try:  # before the engine loads: the native thread pools it starts inherit the priority
+            os.nice(nice)
+        except OSError as error:
+            _LOGGER.warning("worker keeps its CPU priority (nice %+d refused: %s)", nice, error)
     asyncio.run(_Child(conn, factory).serve())
 
 
