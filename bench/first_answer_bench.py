@@ -129,9 +129,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings(environ={}, overrides={"models.environment": "test"})
     registry = ModelRegistry.from_settings(settings)
     work = Path(tempfile.mkdtemp(prefix="first-answer-bench-"))
-    peer = PEERS["asr"] if PEERS["asr"].installed() and not args.no_peers else None
+    wants_peer = not args.no_peers and (not args.modes or "peer" in args.modes.split(","))
+    peer = PEERS["asr"] if PEERS["asr"].installed() and wants_peer else None
     modes = ["semantic", "fixed", "ha_vad", *(["peer"] if peer else [])]
-    ports = {name: free_port() for name in ("semantic", "fixed", "ha_vad", "handle", "tts", "peer")}
+    if args.modes:
+        modes = [mode for mode in modes if mode in args.modes.split(",")]
+    if args.ab_cpu_nice:
+        modes.append("semantic_same_cpu")
+    ports = {
+        name: free_port()
+        for name in ("semantic", "fixed", "ha_vad", "handle", "handle_same_cpu", "tts", "peer")
+    }
     uri = {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()}
     rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     async with contextlib.AsyncExitStack() as stack:
@@ -146,6 +154,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await stack.enter_async_context(server(f"asr_{name}", command, ports[name], work))
         command = ours_command("handle", ports["handle"], args.cpu_threads)
         await stack.enter_async_context(server("handle", command, ports["handle"], work))
+        if args.ab_cpu_nice:  # the same handle with its model at the servers' own CPU priority
+            command = [*ours_command("handle", ports["handle_same_cpu"], args.cpu_threads)]
+            command += ["--set", "handle.cpu_nice=0"]
+            await stack.enter_async_context(
+                server("handle_same_cpu", command, ports["handle_same_cpu"], work)
+            )
         await stack.enter_async_context(server("tts", tts_command(ports["tts"]), ports["tts"], work))
         if peer is not None:
             model_dir = registry.resolve("whisper-base").entry_path
@@ -166,8 +180,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if mode == "peer":
                 return await chained(wav_ha, uri["peer"], uri["handle"], uri["tts"], "fr")
             wav = wav_ha if mode == "ha_vad" else wav_server
+            asr, handle = uri[mode.removesuffix("_same_cpu")], uri["handle"]
+            if mode == "semantic_same_cpu":
+                handle = uri["handle_same_cpu"]
             return await pipeline.run_pipeline(
-                wav, work / "answer.wav", uri[mode], uri["handle"], uri["tts"],
+                wav, work / "answer.wav", asr, handle, uri["tts"],
                 realtime=True, language="fr", tts_streaming=True,
             )  # fmt: skip
 
@@ -221,6 +238,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "fixed": f"our ASR ends the turn after {ENDPOINTING_S} s of silence",
             "ha_vad": f"Home Assistant's VAD: audio-stop {HA_SILENCE_S} s after the speech, our chain",
             "peer": "HA's VAD → wyoming-faster-whisper → our handle read whole → one synthesize to our TTS",
+            "semantic_same_cpu": "as semantic, the handle's model at the servers' CPU priority (cpu_nice 0)",
         },
         "peer_asr": peer.version() if peer else None,
         "target_p50_s": TARGET_P50_S,
@@ -240,12 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commands", type=int, default=len(COMMANDS))
     parser.add_argument("--cpu-threads", type=int, default=2)
     parser.add_argument("--no-peers", action="store_true", help="only our chain")
+    parser.add_argument("--modes", default="", help="comma-separated subset of semantic,fixed,ha_vad,peer")
+    parser.add_argument(
+        "--ab-cpu-nice",
+        action="store_true",
+        help="add semantic_same_cpu: a second handle with handle.cpu_nice=0, side by side",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the results file (first-answer-<date>-<tag>.json)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"first-answer-{data['date']}.json"
+    path = args.out / f"first-answer-{data['date']}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", "utf-8")
     for mode, stages in data["results"].items():
         first = stages["speech_end_to_first_audio"]
