@@ -299,6 +299,11 @@ class TtsSettings:
     """A first sentence longer than this is said in two parts, cut at its first clause
     boundary (a comma, from 16 characters on): a voice that renders a segment whole
     (Kokoro) starts speaking sooner. 0: never cut."""
+    cache_mb: float = 32.0
+    """Audio of recently said segments kept in memory, by voice, text and speed, in MB (about
+    5.5 minutes of 24 kHz audio for 32): a segment said again (a confirmation such as "J'ai
+    allumé la lumière du salon.", "C'est fait.") is sent at once instead of after its
+    synthesis. Only the chain's first voice's audio is kept, not a fallback's. 0: off."""
     timeout_s: float = 30.0
     queue_size: int = 8
     """Answers in flight at most, over all connections (speaking or waiting for a voice);

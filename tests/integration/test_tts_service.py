@@ -419,7 +419,11 @@ async def test_a_voice_without_noise_says_a_text_the_same_way_every_time() -> No
     takes: dict[str, list[bytes]] = {}
     for label, options in (("still", {"noise_scale": 0, "noise_w": 0}), ("own", {})):
         settings = make_settings(
-            **{"tts.language": "en", "tts.voices": {"en": [{"model": "piper-joe", "options": options}]}}
+            **{
+                "tts.language": "en",
+                "tts.voices": {"en": [{"model": "piper-joe", "options": options}]},
+                "tts.cache_mb": 0,  # each take synthesized: the voice's noise, not the cache
+            }
         )
         async with serving(TtsService(make_context(settings))) as server:
             assert server.port is not None
@@ -435,6 +439,34 @@ async def test_a_voice_without_noise_says_a_text_the_same_way_every_time() -> No
     with pytest.raises(ConfigError) as raised:
         TtsService(make_context(settings))
     assert raised.value.key == "tts.voices.en[0].options.noise_w", raised.value
+
+
+async def test_a_sentence_said_again_is_the_cached_take_without_a_synthesis() -> None:
+    """piper-joe with its own noise gives a new take each time (above, cache off); with the
+    cache (on by default) the second request gets the first take again and the voice is not
+    asked; a request at another speed is synthesized."""
+    settings = make_settings(**{"tts.language": "en", "tts.voices": {"en": [{"model": "piper-joe"}]}})
+    service = TtsService(make_context(settings))
+    metrics = service.context.metrics
+
+    def synthesized() -> float:
+        return float(metrics.engine_attempts.labels("tts.en", "piper-joe", "ok")._value.get())
+
+    async with serving(service) as server:
+        assert server.port is not None
+        before = synthesized()
+        first = pcm_of(await synthesize(server.port, ENGLISH[1]))[1]
+        assert synthesized() == before + 1
+        again = pcm_of(await synthesize(server.port, ENGLISH[1]))[1]
+        assert synthesized() == before + 1
+        assert again == first
+        assert metrics.tts_cache.labels("hit")._value.get() == 1
+        async with AsyncTcpClient("127.0.0.1", server.port) as client:  # streamed: the same segment
+            await client.write_event(SynthesizeStart(voice=SynthesizeVoice(language="en")).event())
+            await client.write_event(SynthesizeChunk(text=ENGLISH[1]).event())
+            await client.write_event(SynthesizeStop().event())
+            streamed = pcm_of(await read_answer(client, last="synthesize-stopped"))[1]
+        assert streamed == first and synthesized() == before + 1
 
 
 @pytest.mark.parametrize(

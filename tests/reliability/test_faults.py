@@ -137,6 +137,7 @@ def tts_settings(**extra: Any) -> Any:
             "tts.timeout_s": TIMEOUT_S,
             "tts.failure_threshold": THRESHOLD,
             "tts.cooldown_s": COOLDOWN_S,
+            "tts.cache_mb": 0,  # every request reaches the voices: the chain is under test
             **extra,
         }
     )

@@ -22,6 +22,7 @@ from wyoming.event import Event
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from tests.conftest import make_context, make_settings
+from wyoming_superwhisper.config import ConfigError
 from wyoming_superwhisper.runtime.fallback import EngineError, FallbackChain
 from wyoming_superwhisper.runtime.server import ServiceServer
 from wyoming_superwhisper.tts.engines import (
@@ -444,3 +445,66 @@ async def test_hanging_up_with_answers_queued_closes_the_connection(serve: Serve
             await asyncio.sleep(0.05)
         assert server.active == 0  # the handler did not hang on its queued answers
         assert slow.cancelled
+
+
+def cache_counts(service: TtsService) -> tuple[float, float]:
+    counter = service.context.metrics.tts_cache
+    return counter.labels("hit")._value.get(), counter.labels("miss")._value.get()
+
+
+async def say(server: ServiceServer, text: str) -> bytes:
+    async with client_of(server) as client:
+        await client.write_event(Synthesize(text=text).event())
+        return audio_of(await read_answer(client))[1]
+
+
+async def test_a_segment_said_again_comes_from_the_cache_not_the_voice(serve: Serve) -> None:
+    voice = FakeVoice()
+    service = make_service({"fr": [voice]})
+    async with serve(service) as server:
+        first = await say(server, "C'est fait.")
+        again = await say(server, "C'est fait.")
+        async with client_of(server) as client:  # streamed, the cached sentence first
+            await client.write_event(SynthesizeStart().event())
+            await client.write_event(SynthesizeChunk(text="C'est fait. Autre chose ?").event())
+            await client.write_event(SynthesizeStop().event())
+            _, streamed = audio_of(await read_answer(client, last="synthesize-stopped"))
+    assert voice.calls == ["C'est fait.", "Autre chose ?"]
+    assert again == first and streamed.startswith(first) and len(streamed) > len(first)
+    assert cache_counts(service) == (2, 2)
+
+
+async def test_a_fallback_voice_audio_is_not_kept(serve: Serve) -> None:
+    broken, spare = FakeVoice("broken", mode="fail"), FakeVoice("spare")
+    service = make_service({"fr": [broken, spare]})
+    async with serve(service) as server:
+        await say(server, "Bonjour.")
+        await say(server, "Bonjour.")
+    assert spare.calls == ["Bonjour.", "Bonjour."]  # asked again: the first voice may be back
+    assert cache_counts(service) == (0, 2)
+
+
+async def test_the_cache_forgets_the_least_recently_said_past_its_size_and_can_be_off(serve: Serve) -> None:
+    texts = [f"Bonjour {word}." for word in ("aaa", "bbb", "ccc", "ddd", "eee")]
+    size = len(speech_like(texts[0], 22050))  # 31,500 bytes each: 4.5 of them fit
+    voice = FakeVoice()
+    service = make_service({"fr": [voice]}, **{"tts.cache_mb": 4.5 * size / 1024 / 1024})
+    async with serve(service) as server:
+        for text in texts:
+            await say(server, text)
+        await say(server, texts[4])  # kept
+        await say(server, texts[0])  # pushed out by the fifth
+    assert voice.calls == [*texts, texts[0]]
+    off_voice = FakeVoice()
+    off = make_service({"fr": [off_voice]}, **{"tts.cache_mb": 0})
+    async with serve(off) as server:
+        await say(server, texts[0])
+        await say(server, texts[0])
+    assert off_voice.calls == [texts[0], texts[0]]
+    assert cache_counts(off) == (0, 0)
+
+
+def test_a_negative_cache_size_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as error:
+        make_service({}, **{"tts.cache_mb": -1})
+    assert error.value.key == "tts.cache_mb"

@@ -172,6 +172,8 @@ class ChainResult(Generic[R]):
     level: int
     engine: str
     attempts: tuple[Attempt, ...]
+    cached: bool = False
+    """The value was kept from an earlier run of that level: no engine ran for it now."""
 
     @property
     def fell_back(self) -> bool:

@@ -141,6 +141,13 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400),
             registry=r,
         )
+        self.tts_cache = Counter(
+            "superwhisper_tts_cache_total",
+            "Segments the TTS looked up in its audio cache (tts.cache_mb): hit (sent without "
+            "synthesis) or miss (synthesized)",
+            ["result"],
+            registry=r,
+        )
         self.real_time_factor = Histogram(
             "superwhisper_tts_real_time_factor",
             "Synthesis seconds per second of audio produced (lower is faster)",

@@ -168,9 +168,10 @@ class _Response:
                 if resampler is not None:
                     await self._write_audio(resampler.flush(), rate)
                 worst_level = max(worst_level, result.level)
-                audio = result.value
-                speak_seconds += time.monotonic() - speak_started
-                audio_seconds += len(audio.pcm) / (SAMPLE_WIDTH * CHANNELS * audio.rate)
+                if not result.cached:  # the real-time factor is the voices' speed, not the cache's
+                    audio = result.value
+                    speak_seconds += time.monotonic() - speak_started
+                    audio_seconds += len(audio.pcm) / (SAMPLE_WIDTH * CHANNELS * audio.rate)
             if not failed:
                 if not audio_started:
                     rate = rate or service.native_rate(self.route)

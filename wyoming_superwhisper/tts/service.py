@@ -61,6 +61,39 @@ AudioSink = Callable[[Audio, int], Awaitable[None]]
 """Receives a segment's audio as it comes (a piece, the chain level that made it)."""
 
 
+CacheKey = tuple[str, int, str, float, str | None]
+"""(language, its chain's level tried first, the normalized segment, length scale, speaker)."""
+
+
+class SegmentCache:
+    """The audio of segments said recently, so a segment said again needs no synthesis.
+
+    An assistant repeats itself: "C'est fait.", "J'ai allumé la lumière du salon.",
+    the same greeting. A voice that renders a segment whole (Kokoro: about 0.5 s for
+    such a sentence on two cores) is then skipped, and the first audio goes out as soon
+    as the text arrives. Least recently used segments go first past ``max_bytes``.
+    Only audio from the route's first voice is kept: a fallback's audio is the degraded
+    one, and the first voice should answer again once it is back.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        from cachetools import LRUCache
+
+        self.max_bytes = max_bytes
+        self._audio: Any = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda kept: len(kept[0].pcm))
+
+    def get(self, key: CacheKey) -> tuple[Audio, int] | None:
+        if self.max_bytes <= 0:
+            return None
+        kept: tuple[Audio, int] | None = self._audio.get(key)
+        return kept
+
+    def put(self, key: CacheKey, audio: Audio, level: int) -> None:
+        if self.max_bytes <= 0 or len(audio.pcm) > self.max_bytes // 4:
+            return  # one long segment must not push every short answer out
+        self._audio[key] = (audio, level)
+
+
 class VoiceError(Exception):
     """The request names a voice or language this server cannot serve; sent as an ``error``."""
 
@@ -208,6 +241,11 @@ class TtsService(WyomingService):
                 f"no voices configured for {self.settings.language!r} (tts.voices has "
                 f"{', '.join(self.settings.voices) or 'none'})",
             )
+        if self.settings.cache_mb < 0:
+            raise ConfigError(
+                "tts.cache_mb", "configuration", f"must be 0 (off) or more, not {self.settings.cache_mb}"
+            )
+        self.cache = SegmentCache(int(self.settings.cache_mb * 1024 * 1024))
         self.in_flight = InFlight(self.settings.queue_size)
         """Answers being spoken or waiting (the queue-depth gauge counts segments instead)."""
         self.plans: dict[str, ChainPlan] = {}
@@ -428,6 +466,17 @@ class TtsService(WyomingService):
         spoken = normalize(text, route.language)
         if not any(ch.isalnum() for ch in spoken):
             return None
+        first = route.levels[0]
+        key: CacheKey = (route.language, first, spoken, options.length_scale, options.speaker)
+        kept = self.cache.get(key)
+        if kept is not None:
+            self.context.metrics.tts_cache.labels("hit").inc()
+            audio, level = kept
+            if sink is not None:
+                await sink(audio, level)
+            return ChainResult(audio, level, audio.engine, (), cached=True)
+        if self.cache.max_bytes > 0:
+            self.context.metrics.tts_cache.labels("miss").inc()
         streamed: set[int] = set()
 
         def gate(audio: Audio) -> str | None:
@@ -461,4 +510,6 @@ class TtsService(WyomingService):
             depth.dec()
         if sink is not None and result.level not in streamed:
             await sink(result.value, result.level)
+        if result.level == first:
+            self.cache.put(key, result.value, result.level)
         return result
