@@ -19,6 +19,13 @@ ending the turn is measured from the same instant:
   wyoming-faster-whisper 3.8 → our handle read whole (``handled``) → one
   ``synthesize`` to our TTS (no peer TTS speaks French here).
 
+With ``--home``, six French home commands also go through a real Home Assistant
+(``.venv-hass``, the French home of ``tests/e2e/hass.py``, its MCP server): our
+semantic ASR → a handle acting through MCP (Home Assistant's templates, no model) →
+a TTS that keeps segments (``tts.cache_mb``): ``home_first_time`` (round 0, each
+confirmation synthesized) and ``home_again`` (later rounds, said from the cache).
+The other modes' TTS keeps nothing (``tts.cache_mb`` 0), as before the cache.
+
 The commands are spoken by our TTS's Kokoro voice (a natural voice stands in
 for a person: whisper-base garbles espeak-ng's French, and a garbled reading
 is a different request). Runs rotate the modes so drift weighs on each.
@@ -65,6 +72,16 @@ COMMANDS = [
     "Quel temps fera-t-il demain ?",
     "Raconte-moi une blague.",
 ]
+HOME_COMMANDS = [
+    "Allume la lumière de la cuisine.",
+    "Éteins la lumière de la cuisine.",
+    "Allume la lampe de chevet.",
+    "Éteins la lampe de chevet.",
+    "Allume la cafetière.",
+    "Éteins la cafetière.",
+]
+"""``--home``: commands Home Assistant's templates match, in pairs, so each one changes its
+entity (what whisper base hears from Kokoro: tests/e2e/test_home_control_assist.py)."""
 LEAD_S = 0.3
 HA_SILENCE_S = 0.7
 """Home Assistant's default VAD silence before it ends the speech-to-text stream."""
@@ -114,15 +131,22 @@ def asr_command(port: int, cpu_threads: int, *settings: str) -> list[str]:
     return command
 
 
-def tts_command(port: int) -> list[str]:
-    """The TTS on the embedded defaults: French Kokoro ff_siwis, English Piper joe; espeak-ng behind."""
+def tts_command(port: int, cache_mb: float = 0.0) -> list[str]:
+    """The TTS on the embedded defaults: French Kokoro ff_siwis, English Piper joe; espeak-ng behind.
+
+    ``cache_mb`` 0 (the comparison of the ways to end a turn): every answer is synthesized, as
+    in the runs before the TTS kept segments; the ``--home`` TTS keeps them (32, the default).
+    """
     voices = json.dumps(
         {
             "fr": [{"model": "kokoro-ff_siwis"}, {"model": "espeak-fr"}],
             "en": [{"model": "piper-joe"}, {"model": "espeak-en"}],
         }
     )
-    return [*ours_command("tts", port, 1), "--set", "tts.language=fr", "--set", f"tts.voices={voices}"]
+    return [
+        *ours_command("tts", port, 1),
+        *("--set", "tts.language=fr", "--set", f"tts.voices={voices}", "--set", f"tts.cache_mb={cache_mb}"),
+    ]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,7 +162,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         modes.append("semantic_same_cpu")
     ports = {
         name: free_port()
-        for name in ("semantic", "fixed", "ha_vad", "handle", "handle_same_cpu", "tts", "peer")
+        for name in (
+            "semantic",
+            "fixed",
+            "ha_vad",
+            "handle",
+            "handle_same_cpu",
+            "tts",
+            "peer",
+            "handle_home",
+            "tts_home",
+        )
     }
     uri = {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()}
     rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
@@ -191,32 +225,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:  # warm-up, not counted
             await one(mode, clips[0][2], clips[0][3])
         turn = 0
-        for round_index in range(args.rounds):
+        for round_index in range(args.rounds if modes else 0):
             for text, speech_end, wav_ha, wav_server in clips:
                 order = modes[turn % len(modes) :] + modes[: turn % len(modes)]
                 turn += 1
                 for mode in order:
                     result = await one(mode, wav_ha, wav_server)
-                    ended = (result.audio_started or 0.0) + speech_end
-                    stage = result.stages()
-                    row = {
-                        "command": text,
-                        "round": round_index,
-                        "transcript": result.transcript_text,
-                        "answer": result.answer_text,
-                        "speech_end_to_transcript": _after(result.transcript, ended),
-                        "speech_end_to_first_answer_chunk": _after(result.first_answer_chunk, ended),
-                        "speech_end_to_first_audio": _after(result.first_audio, ended),
-                        "transcript_to_first_answer_chunk": stage["transcript_to_first_answer_chunk"],
-                        "first_answer_chunk_to_first_audio": stage["first_answer_chunk_to_first_audio"],
-                    }
-                    rows[mode].append(row)
-                    _LOGGER.info(
-                        "%-8s %-40s transcript %+.3f s, first audio %+.3f s  %r → %r",
-                        mode, text, row["speech_end_to_transcript"] or -1,
-                        row["speech_end_to_first_audio"] or -1,
-                        result.transcript_text, result.answer_text[:50],
-                    )  # fmt: skip
+                    rows[mode].append(_row(mode, text, round_index, result, speech_end))
+        if args.home:
+            rows.update(await _home_rows(args, stack, work, ports, uri))
     stages = (
         "speech_end_to_transcript",
         "transcript_to_first_answer_chunk",
@@ -239,13 +256,86 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "ha_vad": f"Home Assistant's VAD: audio-stop {HA_SILENCE_S} s after the speech, our chain",
             "peer": "HA's VAD → wyoming-faster-whisper → our handle read whole → one synthesize to our TTS",
             "semantic_same_cpu": "as semantic, the handle's model at the servers' CPU priority (cpu_nice 0)",
+            "home_first_time": "--home: semantic ASR → handle acting through Home Assistant's MCP server "
+            "(templates, no model) → TTS keeping segments; each confirmation said the first time",
+            "home_again": "--home: the same commands in later rounds: each confirmation said again",
         },
+        "tts_cache": "off (tts.cache_mb 0) but for the --home modes",
         "peer_asr": peer.version() if peer else None,
         "target_p50_s": TARGET_P50_S,
         "rounds": args.rounds,
         "results": results,
         "runs": rows,
     }
+
+
+def _row(
+    mode: str, text: str, round_index: int, result: pipeline.PipelineTimings, speech_end: float
+) -> dict[str, Any]:
+    """One run's times from the end of the speech in its audio, logged."""
+    ended = (result.audio_started or 0.0) + speech_end
+    stage = result.stages()
+    row = {
+        "command": text,
+        "round": round_index,
+        "transcript": result.transcript_text,
+        "answer": result.answer_text,
+        "speech_end_to_transcript": _after(result.transcript, ended),
+        "speech_end_to_first_answer_chunk": _after(result.first_answer_chunk, ended),
+        "speech_end_to_first_audio": _after(result.first_audio, ended),
+        "transcript_to_first_answer_chunk": stage["transcript_to_first_answer_chunk"],
+        "first_answer_chunk_to_first_audio": stage["first_answer_chunk_to_first_audio"],
+    }
+    _LOGGER.info(
+        "%-8s %-40s transcript %+.3f s, first audio %+.3f s  %r → %r",
+        mode, text, row["speech_end_to_transcript"] or -1, row["speech_end_to_first_audio"] or -1,
+        result.transcript_text, result.answer_text[:50],
+    )  # fmt: skip
+    return row
+
+
+async def _home_rows(
+    args: argparse.Namespace,
+    stack: contextlib.AsyncExitStack,
+    work: Path,
+    ports: dict[str, int],
+    uri: dict[str, str],
+) -> dict[str, list[dict[str, Any]]]:
+    """``--home``: French home commands through a real Home Assistant (its MCP server).
+
+    Our semantic ASR → a handle acting through Home Assistant's MCP server (templates match,
+    no model) → a TTS that keeps segments (``tts.cache_mb`` default). Round 0 says each
+    confirmation for the first time (synthesized); later rounds say it again (from the cache).
+    """
+    import aiohttp
+
+    from tests.e2e.hass import home_assistant, mcp_home, reset_home
+
+    hass = stack.enter_context(home_assistant(work / "hass-config", home=True))
+    await asyncio.to_thread(hass.wait_ready, 180)
+    token = await mcp_home(hass.url)
+    command = ours_command("handle", ports["handle_home"], args.cpu_threads)
+    command += ["--set", f"handle.hass_url={hass.url}", "--set", f"handle.hass_token={token}"]
+    await stack.enter_async_context(server("handle_home", command, ports["handle_home"], work))
+    tts = tts_command(ports["tts_home"], cache_mb=32)
+    await stack.enter_async_context(server("tts_home", tts, ports["tts_home"], work))
+    clips = []
+    for index, text in enumerate(HOME_COMMANDS):
+        speech = await speak(ports["tts_home"], text)
+        wav = work / f"home-{index}.wav"
+        clips.append((text, wav_with(speech, SERVER_TAIL_S, wav), wav))
+    async with aiohttp.ClientSession() as session:
+        await reset_home(session, hass.url, token)
+    rows: dict[str, list[dict[str, Any]]] = {"home_first_time": [], "home_again": []}
+    for round_index in range(args.rounds):
+        for text, speech_end, wav in clips:
+            result = await pipeline.run_pipeline(
+                wav, work / "answer.wav", uri["semantic"], uri["handle_home"], uri["tts_home"],
+                realtime=True, language="fr", tts_streaming=True,
+            )  # fmt: skip
+            mode = "home_first_time" if round_index == 0 else "home_again"
+            rows[mode].append(_row(mode, text, round_index, result, speech_end))
+    return rows
 
 
 def _after(at: float | None, ended: float) -> float | None:
@@ -263,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ab-cpu-nice",
         action="store_true",
         help="add semantic_same_cpu: a second handle with handle.cpu_nice=0, side by side",
+    )
+    parser.add_argument(
+        "--home",
+        action="store_true",
+        help="also French home commands through a real Home Assistant (.venv-hass), cache on",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(

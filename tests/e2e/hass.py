@@ -24,7 +24,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -891,6 +891,39 @@ async def reset_home(session: aiohttp.ClientSession, base: str, token: str) -> N
 
 
 # --- Home Assistant: the Ollama integration ---------------------------------------------------
+
+
+async def add_mcp_server_entry(session: aiohttp.ClientSession, base: str, token: str) -> str:
+    """Settings → Integrations → Model Context Protocol Server: its one form, the Assist API."""
+    headers = {"Authorization": f"Bearer {token}"}
+    flows = f"{base}/api/config/config_entries/flow"
+    async with session.post(flows, json={"handler": "mcp_server"}, headers=headers) as resp:
+        form = await _json(resp)
+    names = [field["name"] for field in form.get("data_schema", [])]
+    if form.get("type") != "form" or names != ["llm_hass_api"]:
+        raise HassError(f"mcp_server flow did not ask for an LLM API: {form}")
+    async with session.post(
+        f"{flows}/{form['flow_id']}", json={"llm_hass_api": "assist"}, headers=headers
+    ) as resp:
+        result = await _json(resp)
+    if result.get("type") != "create_entry":
+        raise HassError(f"mcp_server flow did not create an entry: {result}")
+    entry_id = str(result["result"]["entry_id"])
+    await wait_entries_loaded(session, base, token, [entry_id])
+    return entry_id
+
+
+async def mcp_home(base: str, aliases: Mapping[str, list[str]] | None = None) -> str:
+    """Owner, the French home in its areas and exposed, entity ``aliases``, the MCP server: a token
+    a handle started with ``handle.hass_url`` acts with (tests and benchmarks)."""
+    async with aiohttp.ClientSession() as session:
+        token = await onboard_owner(session, base)
+        async with HassWebSocket.connect(session, base, token) as ws:
+            await build_french_home(ws)
+            for entity_id, names in (aliases or {}).items():
+                await ws.call("config/entity_registry/update", entity_id=entity_id, aliases=names)
+        await add_mcp_server_entry(session, base, token)
+    return token
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,16 @@ from .hass import (
     REPO,
     REQUIRES_HASS,
     SUPERWHISPER_BIN,
-    HassError,
     HassWebSocket,
     ManagedProcess,
-    _json,
     add_wyoming_entry,
-    build_french_home,
     call_service,
     converse,
     free_port,
     get_state,
     home_assistant,
+    mcp_home,
     metric_total,
-    onboard_owner,
     reset_home,
     speech_of,
     start_process,
@@ -91,44 +88,12 @@ def start_handle(log_dir: Path, name: str, hass_url: str, token_args: list[str])
     return HandleServer(process, port, metrics)
 
 
-async def add_mcp_server_entry(session: aiohttp.ClientSession, base: str, token: str) -> str:
-    """Settings → Integrations → Model Context Protocol Server: its one form, the Assist API."""
-    headers = {"Authorization": f"Bearer {token}"}
-    flows = f"{base}/api/config/config_entries/flow"
-    async with session.post(flows, json={"handler": "mcp_server"}, headers=headers) as resp:
-        form = await _json(resp)
-    names = [field["name"] for field in form.get("data_schema", [])]
-    if form.get("type") != "form" or names != ["llm_hass_api"]:
-        raise HassError(f"mcp_server flow did not ask for an LLM API: {form}")
-    async with session.post(
-        f"{flows}/{form['flow_id']}", json={"llm_hass_api": "assist"}, headers=headers
-    ) as resp:
-        result = await _json(resp)
-    if result.get("type") != "create_entry":
-        raise HassError(f"mcp_server flow did not create an entry: {result}")
-    entry_id = str(result["result"]["entry_id"])
-    await wait_entries_loaded(session, base, token, [entry_id])
-    return entry_id
-
-
-async def prepare_home(base: str) -> str:
-    """Owner, the French home in its areas and exposed, an English alias, the MCP server: a token."""
-    async with aiohttp.ClientSession() as session:
-        token = await onboard_owner(session, base)
-        async with HassWebSocket.connect(session, base, token) as ws:
-            await build_french_home(ws)
-            # A bilingual household names the kitchen light in English too (an alias in HA).
-            await ws.call("config/entity_registry/update", entity_id=KITCHEN, aliases=["Kitchen light"])
-        await add_mcp_server_entry(session, base, token)
-    return token
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     root = tmp_path_factory.mktemp("hass-mcp")
     with home_assistant(root / "hass-config", home=True) as hass:
         hass.wait_ready()
-        token = asyncio.run(prepare_home(hass.url))
+        token = asyncio.run(mcp_home(hass.url, aliases={KITCHEN: ["Kitchen light"]}))
         with pytest.MonkeyPatch.context() as patch:
             # The secret through the environment, as the config system documents it.
             patch.setenv("SUPERWHISPER_HANDLE__HASS_TOKEN", token)
