@@ -121,6 +121,11 @@ def test_a_command_after_a_remark_in_english(recognizer: IntentRecognizer, syste
         ("Étant la lumière de la cuisine.", "HassTurnOff", "Lumière de la cuisine"),
         ("Éteint le ventilateur de la chambre.", "HassTurnOff", "Ventilateur de la chambre"),
         ("Mais le chauffage à 21 degrés.", "HassClimateSetTemperature", "Chauffage"),
+        # with the home's names as hints (bench/first_answer_bench.py --home-hints): a capital
+        # without its accent, a single l
+        ("Etant la Lumière de la cuisine.", "HassTurnOff", "Lumière de la cuisine"),
+        ("Alume la lumière de la cuisine", "HassTurnOn", "Lumière de la cuisine"),
+        ("Eteins la cafetière", "HassTurnOff", "Cafetière"),
     ],
 )
 def test_what_the_asr_mishears_is_mended_toward_the_home(
@@ -317,6 +322,9 @@ def test_an_english_state_question_names_the_entity_as_it_was_asked(recognizer: 
     [
         ("Étant la l'alombe de chevais.", "fr", True),  # misheard "Éteins la lampe de chevet"
         ("Allume la lumière du garage", "fr", True),
+        ("Eteins la lumière du garage", "fr", True),
+        ("Alume la lumière du garage", "fr", True),
+        ("Alumine et fer sont des métaux.", "fr", False),
         ("Mais le chauffage à 20 ans de gré.", "fr", True),
         ("Quelle est la capitale de l'Italie ?", "fr", False),
         ("Mais pourquoi le ciel est-il bleu ?", "fr", False),

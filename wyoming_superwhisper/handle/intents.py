@@ -550,11 +550,15 @@ _FIRST_WORD_SLIPS: dict[str, dict[str, str]] = {
         "réglé": "règle",
         "régler": "règle",
         "règles": "règle",
+        "alume": "allume",
+        "alumes": "allume",
     },
     "en": {"turned": "turn", "turns": "turn", "sat": "set", "said": "set"},
 }
 """Command verbs Whisper writes as a homophone at the start of a command (measured on our voices:
-"Mets le chauffage…" → "Mais le chauffage…", "Éteins la…" → "Étant la…" / "Éteint la…")."""
+"Mets le chauffage…" → "Mais le chauffage…", "Éteins la…" → "Étant la…" / "Éteint la…",
+"Allume la…" → "Alume la…" with the home's names as hints). Compared without accents: Whisper
+often writes a capital without its accent ("Etant", "Eteins"), as French typists do."""
 NAME_SIMILARITY = 0.8
 """Least similarity (difflib ratio, accents and case folded) for a heard phrase to be taken for an
 exposed name: "caftière" → "Cafetière" (0.94), "lampe de chevais" → "Lampe de chevet" (0.84);
@@ -585,12 +589,12 @@ def mended(text: str, language: str, home: Home) -> str:
     words = text.strip().split()
     if not words:
         return text
-    slips = _FIRST_WORD_SLIPS.get(_base(language), {})
-    first = words[0].strip(",.!?").casefold()
+    base = _base(language)
+    first = _fold(words[0].strip(",.!?"))
     # "Mais le chauffage" is "Mets le chauffage"; "Mais pourquoi" stays "Mais pourquoi".
     then = _fold(words[1]) if len(words) > 1 else ""
-    if first in slips and (then in _DETERMINERS or then in _PARTICLES or then.startswith("l'")):
-        fixed = slips[first]
+    fixed = _FOLDED_SLIPS.get(base, {}).get(first) or _FOLDED_VERBS.get(base, {}).get(first)
+    if fixed and (then in _DETERMINERS or then in _PARTICLES or then.startswith("l'")):
         words[0] = fixed.capitalize() if words[0][:1].isupper() else fixed
     names = sorted({*home.names, *home.areas}, key=lambda n: -len(n.split()))
     folded_names = {name: _fold(name) for name in names}
@@ -665,12 +669,19 @@ _COMMAND_VERBS = {
 }
 
 
+_FOLDED_SLIPS = {
+    base: {_fold(slip): verb for slip, verb in slips.items()} for base, slips in _FIRST_WORD_SLIPS.items()
+}
+_FOLDED_VERBS = {base: {_fold(verb): verb for verb in verbs} for base, verbs in _COMMAND_VERBS.items()}
+"""Slips and command verbs by their accent-less spelling: "Etant" and "Eteins" are "éteins"."""
+
+
 def looks_like_command(text: str, language: str) -> bool:
     """Does the sentence start with a verb that commands a device (its homophones mended)?"""
     mended_first = mended(text, language, Home()).split()
     if not mended_first:
         return False
-    return mended_first[0].strip(",.!?").casefold() in _COMMAND_VERBS.get(_base(language), frozenset())
+    return _fold(mended_first[0].strip(",.!?")) in _FOLDED_VERBS.get(_base(language), {})
 
 
 _QUESTION_WORDS = {
