@@ -317,6 +317,15 @@ async def _home_rows(
     command = ours_command("handle", ports["handle_home"], args.cpu_threads)
     command += ["--set", f"handle.hass_url={hass.url}", "--set", f"handle.hass_token={token}"]
     await stack.enter_async_context(server("handle_home", command, ports["handle_home"], work))
+    asr = uri["semantic"]
+    if args.home_hints:  # names of the home as hints, read from Home Assistant (asr.hass_url)
+        hinted = free_port()
+        command = asr_command(
+            hinted, args.cpu_threads, f"asr.endpointing_s={ENDPOINTING_S}", "asr.endpointing=semantic",
+            f"asr.hass_url={hass.url}", f"asr.hass_token={token}",
+        )  # fmt: skip
+        await stack.enter_async_context(server("asr_home_hints", command, hinted, work))
+        asr = f"tcp://127.0.0.1:{hinted}"
     tts = tts_command(ports["tts_home"], cache_mb=32)
     await stack.enter_async_context(server("tts_home", tts, ports["tts_home"], work))
     clips = []
@@ -330,7 +339,7 @@ async def _home_rows(
     for round_index in range(args.rounds):
         for text, speech_end, wav in clips:
             result = await pipeline.run_pipeline(
-                wav, work / "answer.wav", uri["semantic"], uri["handle_home"], uri["tts_home"],
+                wav, work / "answer.wav", asr, uri["handle_home"], uri["tts_home"],
                 realtime=True, language="fr", tts_streaming=True,
             )  # fmt: skip
             mode = "home_first_time" if round_index == 0 else "home_again"
@@ -358,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         "--home",
         action="store_true",
         help="also French home commands through a real Home Assistant (.venv-hass), cache on",
+    )
+    parser.add_argument(
+        "--home-hints", action="store_true", help="--home with the home's names as ASR hints (asr.hass_url)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
