@@ -216,6 +216,7 @@ async def test_a_command_nothing_matched_is_not_guessed_when_no_level_may_act(
         ("Allume la lumière du garage", "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"),
         ("Étant la l'alombe de chevais.", "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"),
         ("Turn on the garage light", "I did not understand which device. Could you say it again?"),
+        ("Éton la cafetière", "Je n'ai pas compris ce que je dois faire. Pouvez-vous répéter ?"),
     ):
         said, calls = await _chat(client, [*system, {"role": "user", "content": text}])
         assert (said, calls) == (expected, []), text
@@ -233,5 +234,5 @@ async def test_a_command_nothing_matched_is_not_guessed_when_no_level_may_act(
         said, calls = await _chat(client, [*system, {"role": "user", "content": text}])
         assert (said, calls) == (expected, []), text
     metrics_text = generate_latest(RUNNING["handle"].context.metrics.registry).decode()
-    assert 'superwhisper_handle_local_intents_total{reason="not_understood"} 3.0' in metrics_text
+    assert 'superwhisper_handle_local_intents_total{reason="not_understood"} 4.0' in metrics_text
     assert 'superwhisper_handle_local_intents_total{reason="state_unknown"} 3.0' in metrics_text

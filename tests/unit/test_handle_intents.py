@@ -23,6 +23,7 @@ from wyoming_superwhisper.handle.intents import (
     fast_answer,
     follow_up_call,
     looks_like_command,
+    lost_verb_command,
     mended,
     not_understood,
     state_answer,
@@ -335,6 +336,24 @@ def test_an_english_state_question_names_the_entity_as_it_was_asked(recognizer: 
 def test_a_command_is_told_from_a_question(text: str, language: str, command: bool) -> None:
     assert looks_like_command(text, language) is command
     assert not_understood(language).endswith("?")
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("Éton la cafetière", True),  # "Éteins la cafetière" with the home's names as hints
+        ("Hum la caftière.", True),  # the name mended too
+        ("Truc le chauffage !", True),
+        ("Éton la cafetière ?", False),  # a question: asks_for_a_state's
+        ("Merci pour la cafetière", False),  # more than one word before the name
+        ("Éton la cafetière du voisin", False),  # more than the name after it
+        ("Éton la capitale", False),  # not a name of this home
+    ],
+)
+def test_a_lost_verb_before_an_exposed_name_is_a_command(home: Home, text: str, command: bool) -> None:
+    assert lost_verb_command(text, "fr", home) is command
+    assert lost_verb_command(text, "fr", Home()) is False  # only this home's names count
+    assert not looks_like_command(text, "fr")
 
 
 @pytest.mark.parametrize(

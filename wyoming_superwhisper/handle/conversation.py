@@ -123,9 +123,7 @@ class ConversationMemory:
             del self._conversations[key]
 
 
-def build_messages(
-    system: str, history: list[Turn], user: str
-) -> list[dict[str, Any]]:
+def build_messages(system: str, history: list[Turn], user: str) -> list[dict[str, Any]]:
     """OpenAI-style chat messages: system prompt, the remembered turns, the new request."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for turn in history:

@@ -184,9 +184,7 @@ class LlamaCppEngine(ChatEngine):
             llm.close()
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            key: self.options[key] for key in SAMPLING_OPTIONS if key in self.options
-        }
+        params: dict[str, Any] = {key: self.options[key] for key in SAMPLING_OPTIONS if key in self.options}
         params.update({k: v for k, v in request.extra.items() if k in SAMPLING_OPTIONS})
         if request.temperature is not None:
             params["temperature"] = request.temperature

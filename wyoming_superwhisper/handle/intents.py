@@ -678,10 +678,26 @@ _FOLDED_VERBS = {base: {_fold(verb): verb for verb in verbs} for base, verbs in 
 
 def looks_like_command(text: str, language: str) -> bool:
     """Does the sentence start with a verb that commands a device (its homophones mended)?"""
-    mended_first = mended(text, language, Home()).split()
-    if not mended_first:
+    words = mended(text, language, Home()).split()
+    return bool(words) and _fold(words[0].strip(",.!?")) in _FOLDED_VERBS.get(_base(language), {})
+
+
+def lost_verb_command(text: str, language: str, home: Home) -> bool:
+    """Is the sentence one word, an article and an exposed name or area, and nothing else?
+
+    "Éton la cafetière." (heard for "Éteins la cafetière."): the shape of a command whose
+    verb the ASR lost; a question ("?") is not one.
+    """
+    words = mended(text, language, home).split()
+    if len(words) < 3 or text.rstrip().endswith("?"):
         return False
-    return _fold(mended_first[0].strip(",.!?")) in _FOLDED_VERBS.get(_base(language), {})
+    article, rest = _fold(words[1]), words[2:]
+    if article.startswith("l'") and len(article) > 2:
+        rest = [words[1][2:], *rest]
+    elif article not in _DETERMINERS:
+        return False
+    said = _fold(" ".join(rest).strip(",.!?;: "))
+    return any(said == _fold(name) for name in (*home.names, *home.areas) if name.strip())
 
 
 _QUESTION_WORDS = {
@@ -736,9 +752,17 @@ def state_unknown(language: str) -> str:
     return "I did not understand which device you mean. Could you say it again?"
 
 
-def not_understood(language: str) -> str:
-    """What a command no template matched gets when no level may act on the home."""
-    if _base(language) == "fr":
+def not_understood(language: str, *, device_heard: bool = False) -> str:
+    """What a command no template matched gets when no level may act on the home
+    (``device_heard``: it named an exposed device, its verb was lost)."""
+    fr = _base(language) == "fr"
+    if device_heard:
+        return (
+            "Je n'ai pas compris ce que je dois faire. Pouvez-vous répéter ?"
+            if fr
+            else "I did not understand what to do. Could you say it again?"
+        )
+    if fr:
         return "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"
     return "I did not understand which device. Could you say it again?"
 

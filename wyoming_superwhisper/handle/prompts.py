@@ -57,9 +57,7 @@ def english_datetime(now: dt.datetime) -> str:
     return f"{day} {now.day} {month} {now.year}, {now.hour}:{now.minute:02d}"
 
 
-def system_prompt(
-    assistant_name: str, language: str, now: dt.datetime, override: str = ""
-) -> str:
+def system_prompt(assistant_name: str, language: str, now: dt.datetime, override: str = "") -> str:
     """The voice assistant's instructions: in English for an English request, else in French.
 
     Small models answer in the language of the *instructions* whatever they are
@@ -128,7 +126,7 @@ def last_sentence_end(text: str, start: int = 0) -> int:
 
 
 def ends_sentence(text: str) -> bool:
-    return bool(text.rstrip()) and text.rstrip()[-1] in ".!?…»\")"
+    return bool(text.rstrip()) and text.rstrip()[-1] in '.!?…»")'
 
 
 _FINISHED_SENTENCE = re.compile(r"[^\W\d_][ \u00a0\u202f]?[.!?…]+(?:[ \u00a0\u202f]?[»\")])*\s*$")
@@ -149,6 +147,7 @@ def starts_with_a_word(text: str) -> bool:
 # --- quality checks -------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
+
 
 def _word_set(text: str) -> frozenset[str]:
     return frozenset(text.split())
@@ -234,9 +233,7 @@ def detect_language(text: str, default: str) -> str:
 
 def strip_control(text: str) -> str:
     """Control characters out of a client's text (newlines become spaces)."""
-    return "".join(
-        " " if unicodedata.category(ch) == "Cc" else ch for ch in text
-    ).strip()
+    return "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
 
 
 def describe_messages(messages: Sequence[dict[str, object]]) -> str:

@@ -59,6 +59,7 @@ from .intents import (
     asks_for_a_state,
     fast_answer,
     looks_like_command,
+    lost_verb_command,
     not_understood,
     state_unknown,
 )
@@ -479,6 +480,9 @@ class HandleService(WyomingService):
             if messages and messages[-1].get("role") == "user":
                 if looks_like_command(text, language):
                     fast = FastAnswer(text=not_understood(language), reason="not_understood")
+                elif lost_verb_command(text, language, home):
+                    said = not_understood(language, device_heard=True)
+                    fast = FastAnswer(text=said, reason="not_understood")
                 elif home.entities and asks_for_a_state(text, language, home):
                     # A words-only model would state a device's state it never read.
                     fast = FastAnswer(text=state_unknown(language), reason="state_unknown")
