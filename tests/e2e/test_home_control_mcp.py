@@ -252,6 +252,19 @@ async def test_home_assistants_own_wyoming_agent_controls_the_home_through_us(se
             await state_becomes(base, token, KITCHEN, lambda s: s["state"] == "off")
 
 
+async def home_status(metrics_port: int) -> dict[str, Any]:
+    """What ``/status`` says of Home Assistant once the start's warm-up has tried it."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):  # bounded: the warm-up runs right after the start
+            async with session.get(f"http://{LOOPBACK}:{metrics_port}/status") as reply:
+                document = await reply.json()
+            home = next(s for s in document["services"] if s["service"] == "handle")["home"]
+            if home["reachable"] is not None:
+                return dict(home)
+            await asyncio.sleep(0.1)
+    raise AssertionError("Home Assistant never tried after the start")
+
+
 async def test_the_token_is_redacted_in_status(setup: Setup) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -260,6 +273,8 @@ async def test_the_token_is_redacted_in_status(setup: Setup) -> None:
         body = await reply.text()
     assert setup.token not in body
     assert '"hass_token": "***"' in body
+    home = await home_status(setup.handle.metrics)  # reached at start: its 12 entities' tools
+    assert home["reachable"] is True and home["tools"] >= 5, home
 
 
 async def test_a_bad_token_is_said_and_the_server_keeps_serving(setup: Setup) -> None:
@@ -268,6 +283,8 @@ async def test_a_bad_token_is_said_and_the_server_keeps_serving(setup: Setup) ->
     )
     try:
         wait_http(f"http://{LOOPBACK}:{handle.metrics}/readyz", handle.process, 180)
+        home = await home_status(handle.metrics)  # known at start, before any command
+        assert (home["reachable"], home["reason"]) == (False, "unauthorized"), home
         for text in ("Allume la lumière de la cuisine", "Bonjour"):
             reply = await tell(handle.port, text, "fr")
             assert reply.kind == "not-handled", reply

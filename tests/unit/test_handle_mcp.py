@@ -412,3 +412,52 @@ async def test_home_assistant_unusable_is_said_and_the_server_keeps_serving(
             assert events[0].data["text"].startswith(said), events[0].data
     assert served.context.metrics.home_actions.labels("mcp", outcome)._value.get() == 2
     assert served.in_flight.count == 0
+
+
+class CountedHome(RecordedHome):
+    """The recorded Home Assistant, counting the sessions opened to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions = 0
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Any]:
+        self.sessions += 1
+        yield object()
+
+
+async def until_reached(served: HandleService) -> dict[str, Any]:
+    for _ in range(500):  # bounded: the warm-up is a task of the start
+        home = served.status()["home"]
+        if home["reachable"] is not None:
+            return dict(home)
+        await asyncio.sleep(0.01)
+    raise AssertionError("Home Assistant was never tried after the start")
+
+
+async def test_home_assistant_is_reached_at_start_and_the_templates_compiled(serve: Any) -> None:
+    """Before any command: one session to Home Assistant (the MCP client imported, its first
+    session paid), French and English templates compiled; ``/status`` says Home Assistant answered."""
+    home = CountedHome()
+    served = with_home(home)
+    assert served.status()["home"] == {"reachable": None}
+    type(served.intents)._templates.cache_clear()
+    async with serve(served) as server:
+        assert await until_reached(served) == {"reachable": True, "tools": len(RECORDED["tools"])}
+        assert home.sessions == 1
+        assert type(served.intents)._templates.cache_info().currsize == 2  # fr, en
+        events = await transcript(server.port, "Allume la lumière de la cuisine")
+    assert events[-1].type == "handled-stop"
+    assert home.sessions == 2 and type(served.intents)._templates.cache_info().misses == 2
+
+
+async def test_a_home_assistant_refusing_the_token_shows_in_status_from_the_start(serve: Any) -> None:
+    served = with_home(BrokenHome(HomeUnavailable("unauthorized", "401 Unauthorized")))
+    async with serve(served) as server:
+        reached = await until_reached(served)
+        assert (reached["reachable"], reached["reason"]) == (False, "unauthorized")
+        assert "401" in reached["detail"]
+        events = await transcript(server.port, "Allume la lumière de la cuisine")
+        assert [e.type for e in events] == ["not-handled"]  # and the server keeps serving
+        assert served.status()["home"]["reason"] == "unauthorized"

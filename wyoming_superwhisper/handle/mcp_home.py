@@ -353,6 +353,31 @@ class HomeControl:
         self.service = service
         self.home = home or McpHome(settings.hass_url, settings.hass_token, settings.hass_timeout_s)
         self._calls: OrderedDict[str, tuple[float, list[tuple[str, list[dict[str, Any]]]]]] = OrderedDict()
+        self.reached: dict[str, Any] = {"reachable": None}
+        """How the last exchange with Home Assistant went (``/status``): None before the first."""
+
+    async def warm(self) -> None:
+        """Reach Home Assistant once at start, off the request path.
+
+        The first command after a start otherwise paid for importing the MCP client and
+        for Home Assistant's first session; a wrong URL or token shows in the log and
+        ``/status`` at once instead of at the first command.
+        """
+        try:
+            async with self.home.session() as session:
+                snapshot = await self.home.snapshot(session)
+        except HomeUnavailable as error:
+            self._failed(error)
+            _LOGGER.warning("hass mcp: Home Assistant not usable at start (%s): %s", self.home.sse_url, error)
+            return
+        self._reached(snapshot)
+        _LOGGER.info("hass mcp: Home Assistant reached, %d tools", len(snapshot.tools))
+
+    def _reached(self, snapshot: HomeSnapshot) -> None:
+        self.reached = {"reachable": True, "tools": len(snapshot.tools)}
+
+    def _failed(self, error: HomeUnavailable) -> None:
+        self.reached = {"reachable": False, "reason": error.reason, "detail": str(error)}
 
     # -- per-conversation calls (so a pronoun finds its target) --------------------------------
 
@@ -401,6 +426,24 @@ class HomeControl:
         Raises :class:`HomeUnavailable` (nothing was said yet) when Home
         Assistant cannot be used, and :class:`AllLevelsFailed` as ``respond`` does.
         """
+        try:
+            async with self.home.session() as session:
+                snapshot = await self.home.snapshot(session)
+                self._reached(snapshot)
+                return await self._rounds(session, snapshot, messages, language, on_chunk)
+        except HomeUnavailable as error:
+            self._failed(error)
+            raise
+
+    async def _rounds(
+        self,
+        session: Any,
+        snapshot: HomeSnapshot,
+        messages: list[dict[str, Any]],
+        language: str,
+        on_chunk: ChunkSink,
+    ) -> HomeAnswer:
+        """The model's (or the templates') tool rounds of :meth:`answer`, in an open session."""
         metrics = self.service.context.metrics
         spoken: list[str] = []
 
@@ -408,60 +451,56 @@ class HomeControl:
             spoken.append(piece)
             await on_chunk(piece)
 
-        async with self.home.session() as session:
-            snapshot = await self.home.snapshot(session)
-            conversation = [dict(m) for m in messages]
-            if conversation and conversation[0].get("role") == "system":
-                conversation[0]["content"] = system_with_home(
-                    str(conversation[0].get("content") or ""), snapshot.prompt
+        conversation = [dict(m) for m in messages]
+        if conversation and conversation[0].get("role") == "system":
+            conversation[0]["content"] = system_with_home(
+                str(conversation[0].get("content") or ""), snapshot.prompt
+            )
+        else:
+            conversation.insert(0, {"role": "system", "content": snapshot.prompt})
+        calls: list[dict[str, Any]] = []
+        answer: Answer | None = None
+        rounds = 0
+        while rounds < MAX_ROUNDS:
+            rounds += 1
+            answer = await self.service.respond(conversation, language, say, tools=snapshot.tools or None)
+            if not answer.tool_calls:
+                break
+            if rounds == MAX_ROUNDS:
+                _LOGGER.warning("hass mcp: still calling tools after %d rounds; stopping", rounds)
+                break
+            made: list[dict[str, Any]] = []
+            results: list[dict[str, Any]] = []
+            for call in answer.tool_calls:
+                function = call.get("function") or {}
+                name = str(function.get("name", ""))
+                arguments = _arguments(call)
+                started = time.monotonic()
+                content = await self.home.call(session, name, arguments, language)
+                failed = _is_error(content)
+                metrics_home(metrics, "mcp", "tool_error" if failed else "ok")
+                _LOGGER.info(
+                    "hass mcp: %s(%s) → %s in %.0f ms",
+                    name,
+                    json.dumps(arguments, ensure_ascii=False),
+                    "error" if failed else "done",
+                    (time.monotonic() - started) * 1000,
                 )
-            else:
-                conversation.insert(0, {"role": "system", "content": snapshot.prompt})
-            calls: list[dict[str, Any]] = []
-            answer: Answer | None = None
-            rounds = 0
-            while rounds < MAX_ROUNDS:
-                rounds += 1
-                answer = await self.service.respond(conversation, language, say, tools=snapshot.tools or None)
-                if not answer.tool_calls:
-                    break
-                if rounds == MAX_ROUNDS:
-                    _LOGGER.warning("hass mcp: still calling tools after %d rounds; stopping", rounds)
-                    break
-                made: list[dict[str, Any]] = []
-                results: list[dict[str, Any]] = []
-                for call in answer.tool_calls:
-                    function = call.get("function") or {}
-                    name = str(function.get("name", ""))
-                    arguments = _arguments(call)
-                    started = time.monotonic()
-                    content = await self.home.call(session, name, arguments, language)
-                    failed = _is_error(content)
-                    metrics_home(metrics, "mcp", "tool_error" if failed else "ok")
-                    _LOGGER.info(
-                        "hass mcp: %s(%s) → %s in %.0f ms",
-                        name,
-                        json.dumps(arguments, ensure_ascii=False),
-                        "error" if failed else "done",
-                        (time.monotonic() - started) * 1000,
-                    )
-                    call_id = str(call.get("id") or f"call_{len(calls) + len(results)}")
-                    made.append(
-                        {
-                            "id": call_id,
-                            "type": "function",
-                            "function": {
-                                "name": name,
-                                "arguments": json.dumps(arguments, ensure_ascii=False),
-                            },
-                        }
-                    )
-                    results.append(
-                        {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
-                    )
-                assistant = {"role": "assistant", "content": answer.text or "", "tool_calls": made}
-                conversation += [assistant, *results]
-                calls += [assistant, *results]
+                call_id = str(call.get("id") or f"call_{len(calls) + len(results)}")
+                made.append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": name,
+                            "arguments": json.dumps(arguments, ensure_ascii=False),
+                        },
+                    }
+                )
+                results.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": content})
+            assistant = {"role": "assistant", "content": answer.text or "", "tool_calls": made}
+            conversation += [assistant, *results]
+            calls += [assistant, *results]
         assert answer is not None
         text = "".join(spoken).strip() or answer.text
         if not spoken and text:
