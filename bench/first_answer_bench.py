@@ -333,6 +333,12 @@ async def _home_rows(
         speech = await speak(ports["tts_home"], text)
         wav = work / f"home-{index}.wav"
         clips.append((text, wav_with(speech, SERVER_TAIL_S, wav), wav))
+    warm_up = work / "home-warm-up.wav"  # not counted: a command none of the clips' answers say
+    wav_with(await speak(ports["tts_home"], "Allume la lumière du bureau."), SERVER_TAIL_S, warm_up)
+    await pipeline.run_pipeline(
+        warm_up, work / "answer.wav", asr, uri["handle_home"], uri["tts_home"],
+        realtime=True, language="fr", tts_streaming=True,
+    )  # fmt: skip
     async with aiohttp.ClientSession() as session:
         await reset_home(session, hass.url, token)
     rows: dict[str, list[dict[str, Any]]] = {"home_first_time": [], "home_again": []}
