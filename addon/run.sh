@@ -16,6 +16,8 @@ HELPER="${APP}/options_to_args.py"
 export SUPERWHISPER_MODELS_DIR="${DATA}/models"
 export SUPERWHISPER_MODELS__ENVIRONMENT=prod
 export XDG_CACHE_HOME="${DATA}/cache"
+# Answers said before (a confirmation) are sent at once after a restart too (tts.cache_dir).
+export SUPERWHISPER_TTS__CACHE_DIR="${DATA}/tts-segments"
 export HF_HOME="${DATA}/cache/huggingface"
 export PYTHONUNBUFFERED=1
 mkdir -p "${SUPERWHISPER_MODELS_DIR}" "${XDG_CACHE_HOME}"

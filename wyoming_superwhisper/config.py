@@ -304,6 +304,10 @@ class TtsSettings:
     5.5 minutes of 24 kHz audio for 32): a segment said again (a confirmation such as "J'ai
     allumé la lumière du salon.", "C'est fait.") is sent at once instead of after its
     synthesis. Only the chain's first voice's audio is kept, not a fallback's. 0: off."""
+    cache_dir: str = ""
+    """A directory where the kept segments are also written (WAV files, bounded by
+    ``cache_mb`` too), so a restart keeps them; empty: memory only. The add-on keeps them
+    in ``/data/tts-segments``, the systemd unit in its cache directory."""
     timeout_s: float = 30.0
     queue_size: int = 8
     """Answers in flight at most, over all connections (speaking or waiting for a voice);

@@ -321,6 +321,7 @@ def test_run_script_fetches_then_serves(addon_root: Path) -> None:
     assert env["SUPERWHISPER_MODELS_DIR"] == str(addon_root / "data" / "models")
     assert env["SUPERWHISPER_MODELS__ENVIRONMENT"] == "prod"
     assert env["XDG_CACHE_HOME"].startswith(str(addon_root / "data"))
+    assert env["SUPERWHISPER_TTS__CACHE_DIR"] == str(addon_root / "data" / "tts-segments")
     assert (addon_root / "data" / "models").is_dir()
     assert "no SUPERVISOR_TOKEN" in result.stderr  # discovery skipped outside Home Assistant
 

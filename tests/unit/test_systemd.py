@@ -198,6 +198,10 @@ def test_unit_runs_the_right_server_hardened(service: str) -> None:
     assert one(unit, "Install", "WantedBy") == "superwhisper.target"
     assert one(unit, "Unit", "PartOf") == "superwhisper.target"
 
+    # the TTS keeps said segments across restarts, in its (writable) cache directory
+    cache = [e for e in svc["Environment"] if e.startswith("SUPERWHISPER_TTS__CACHE_DIR=")]
+    assert cache == (["SUPERWHISPER_TTS__CACHE_DIR=%C/superwhisper/tts-segments"] if service == "tts" else [])
+
 
 def test_target_pulls_in_every_server() -> None:
     target = parse_unit(UNIT_DIR / "superwhisper.target")

@@ -13,6 +13,7 @@ import math
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -508,3 +509,44 @@ def test_a_negative_cache_size_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError) as error:
         make_service({}, **{"tts.cache_mb": -1})
     assert error.value.key == "tts.cache_mb"
+
+
+async def test_kept_segments_outlive_a_restart_in_the_cache_dir(serve: Serve, tmp_path: Path) -> None:
+    """With ``tts.cache_dir`` a new server (a restart) says a segment the old one kept without its
+    voice; another voice (another name) does not get that audio."""
+    folder = tmp_path / "segments"
+    before = FakeVoice()
+    async with serve(make_service({"fr": [before]}, **{"tts.cache_dir": str(folder)})) as server:
+        first = await say(server, "C'est fait.")
+    assert [p.suffix for p in folder.iterdir()] == [".wav"]
+    after = FakeVoice()
+    restarted = make_service({"fr": [after]}, **{"tts.cache_dir": str(folder)})
+    async with serve(restarted) as server:
+        assert await say(server, "C'est fait.") == first
+        assert await say(server, "C'est fait.") == first  # then from memory
+    assert after.calls == [] and cache_counts(restarted) == (2, 0)
+    other = FakeVoice("other")
+    async with serve(make_service({"fr": [other]}, **{"tts.cache_dir": str(folder)})) as server:
+        await say(server, "C'est fait.")
+    assert other.calls == ["C'est fait."]
+
+
+async def test_the_cache_dir_keeps_to_its_size_and_drops_a_broken_file(serve: Serve, tmp_path: Path) -> None:
+    texts = [f"Bonjour {word}." for word in ("aaa", "bbb", "ccc", "ddd", "eee", "fff")]
+    size = len(speech_like(texts[0], 22050)) + 44  # a WAV header each
+    folder = tmp_path / "segments"
+    settings = {"tts.cache_dir": str(folder), "tts.cache_mb": 4.5 * size / 1024 / 1024}
+    async with serve(make_service({"fr": [FakeVoice()]}, **settings)) as server:
+        for text in texts:
+            await say(server, text)
+            await asyncio.sleep(0.01)  # distinct modification times: the oldest goes first
+    files = list(folder.glob("*.wav"))
+    assert len(files) == 4 and sum(f.stat().st_size for f in files) <= 4.5 * size
+    newest = max(files, key=lambda f: f.stat().st_mtime)
+    newest.write_bytes(b"RIFF broken")
+    voice = FakeVoice()
+    async with serve(make_service({"fr": [voice]}, **settings)) as server:
+        await say(server, texts[5])  # its file was broken: said again, and kept anew
+        await say(server, texts[4])  # kept
+        await say(server, texts[0])  # removed for the size
+    assert voice.calls == [texts[5], texts[0]]

@@ -15,7 +15,10 @@ voice answers as fast as the primary would.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
+import wave
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any
 from wyoming.info import Attribution, Info, TtsProgram, TtsVoice, TtsVoiceSpeaker
 
 from .. import __version__
-from ..config import ConfigError, EngineLevel, TtsSettings
+from ..config import ConfigError, EngineLevel, TtsSettings, resolve_path
 from ..runtime.chains import ChainPlan, PlannedLevel, plan_chain
 from ..runtime.fallback import ChainResult, FallbackChain, QualityRejected
 from ..runtime.limits import InFlight
@@ -32,6 +35,8 @@ from ..runtime.registry import SystemSource, UnknownModel
 from ..runtime.server import Connection, EventHandler, ServiceContext, ServiceState, WyomingService
 from ..runtime.worker import WorkerOptions, supervised, worker_options
 from .engines import (
+    CHANNELS,
+    SAMPLE_WIDTH,
     Audio,
     EspeakEngine,
     PiperEngine,
@@ -61,37 +66,107 @@ AudioSink = Callable[[Audio, int], Awaitable[None]]
 """Receives a segment's audio as it comes (a piece, the chain level that made it)."""
 
 
-CacheKey = tuple[str, int, str, float, str | None]
-"""(language, its chain's level tried first, the normalized segment, length scale, speaker)."""
+CacheKey = tuple[str, str, float, str | None]
+"""(the voice tried first: language, level and identity; the normalized segment; length scale;
+speaker)."""
 
 
 class SegmentCache:
     """The audio of segments said recently, so a segment said again needs no synthesis.
 
     An assistant repeats itself: "C'est fait.", "J'ai allumé la lumière du salon.",
-    the same greeting. A voice that renders a segment whole (Kokoro: about 0.5 s for
+    the same greeting. A voice that renders a segment whole (Kokoro: about 0.7 s for
     such a sentence on two cores) is then skipped, and the first audio goes out as soon
     as the text arrives. Least recently used segments go first past ``max_bytes``.
     Only audio from the route's first voice is kept: a fallback's audio is the degraded
     one, and the first voice should answer again once it is back.
+
+    With a ``directory`` (``tts.cache_dir``) every kept segment is also a WAV file there,
+    named by a digest of its key, so a restart keeps them; the files are bounded by the
+    same size, the least recently said removed first.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, directory: Path | None = None) -> None:
         from cachetools import LRUCache
 
         self.max_bytes = max_bytes
-        self._audio: Any = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda kept: len(kept[0].pcm))
+        self._audio: Any = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda audio: len(audio.pcm))
+        self.directory = directory if max_bytes > 0 else None
+        self._disk_bytes = 0
+        if self.directory is not None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._disk_bytes = sum(path.stat().st_size for path in self.directory.glob("*.wav"))
+                self._trim()
+            except OSError as error:
+                _LOGGER.warning("tts: segments kept in memory only, %s unusable: %s", self.directory, error)
+                self.directory = None
 
-    def get(self, key: CacheKey) -> tuple[Audio, int] | None:
+    def get(self, key: CacheKey, engine: str) -> Audio | None:
+        """The kept audio of ``key`` (made by ``engine``), from memory or its file; None."""
         if self.max_bytes <= 0:
             return None
-        kept: tuple[Audio, int] | None = self._audio.get(key)
-        return kept
+        kept: Audio | None = self._audio.get(key)
+        if kept is not None or self.directory is None:
+            return kept
+        path = self._path(key)
+        try:
+            with wave.open(str(path), "rb") as wav:
+                if (wav.getnchannels(), wav.getsampwidth()) != (CHANNELS, SAMPLE_WIDTH):
+                    raise wave.Error("not 16-bit mono")
+                rate, pcm = wav.getframerate(), wav.readframes(wav.getnframes())
+            os.utime(path)  # said again: the last to go
+        except FileNotFoundError:
+            return None
+        except (OSError, wave.Error, EOFError) as error:
+            _LOGGER.warning("tts: dropping unreadable kept segment %s: %s", path.name, error)
+            self._remove(path)
+            return None
+        audio = Audio(pcm, rate, engine)
+        self._audio[key] = audio
+        return audio
 
-    def put(self, key: CacheKey, audio: Audio, level: int) -> None:
+    def put(self, key: CacheKey, audio: Audio) -> None:
         if self.max_bytes <= 0 or len(audio.pcm) > self.max_bytes // 4:
             return  # one long segment must not push every short answer out
-        self._audio[key] = (audio, level)
+        self._audio[key] = audio
+        if self.directory is None:
+            return
+        path = self._path(key)
+        partial = path.with_suffix(".part")
+        try:
+            with wave.open(str(partial), "wb") as wav:
+                wav.setnchannels(CHANNELS)
+                wav.setsampwidth(SAMPLE_WIDTH)
+                wav.setframerate(audio.rate)
+                wav.writeframes(audio.pcm)
+            os.replace(partial, path)
+            self._disk_bytes += path.stat().st_size
+        except OSError as error:
+            _LOGGER.warning("tts: cannot keep a segment in %s: %s", self.directory, error)
+            return
+        if self._disk_bytes > self.max_bytes:
+            self._trim()
+
+    def _path(self, key: CacheKey) -> Path:
+        assert self.directory is not None
+        return self.directory / (hashlib.sha256(repr(key).encode("utf-8")).hexdigest()[:32] + ".wav")
+
+    def _trim(self) -> None:
+        """The least recently said files removed until the directory fits ``max_bytes``."""
+        assert self.directory is not None
+        files = sorted(self.directory.glob("*.wav"), key=lambda path: path.stat().st_mtime)
+        self._disk_bytes = sum(path.stat().st_size for path in files)
+        for path in files:
+            if self._disk_bytes <= self.max_bytes:
+                break
+            self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            self._disk_bytes -= size
 
 
 class VoiceError(Exception):
@@ -245,7 +320,12 @@ class TtsService(WyomingService):
             raise ConfigError(
                 "tts.cache_mb", "configuration", f"must be 0 (off) or more, not {self.settings.cache_mb}"
             )
-        self.cache = SegmentCache(int(self.settings.cache_mb * 1024 * 1024))
+        directory = (
+            resolve_path(context.settings, self.settings.cache_dir) if self.settings.cache_dir else None
+        )
+        self.cache = SegmentCache(int(self.settings.cache_mb * 1024 * 1024), directory)
+        self._voice_ids: dict[int, str] = {}
+        """Per engine: what makes its audio what it is (model, version, options), for the cache's keys."""
         self.in_flight = InFlight(self.settings.queue_size)
         """Answers being spoken or waiting (the queue-depth gauge counts segments instead)."""
         self.plans: dict[str, ChainPlan] = {}
@@ -284,6 +364,15 @@ class TtsService(WyomingService):
                 key = (voice_name(level), planned.device, repr(sorted(level.options.items())))
                 engine = shared.get(key) or build_engine(planned, self.settings, workers, split_dir)
                 shared[key] = engine
+                model = planned.model
+                self._voice_ids[id(engine)] = repr(
+                    (
+                        __version__,
+                        key,
+                        model.spec.version if model is not None else "",
+                        sorted(model.spec.sha256.items()) if model is not None else [],
+                    )
+                )
                 self._add_voice(level, language, len(engines), engine, installed=True)
                 engines.append(engine)
             self.routes[language] = FallbackChain(
@@ -467,14 +556,15 @@ class TtsService(WyomingService):
         if not any(ch.isalnum() for ch in spoken):
             return None
         first = route.levels[0]
-        key: CacheKey = (route.language, first, spoken, options.length_scale, options.speaker)
-        kept = self.cache.get(key)
+        voice = route.chain.levels[first].engine
+        identity = f"{route.language}[{first}] {self._voice_ids.get(id(voice), voice.name)}"
+        key: CacheKey = (identity, spoken, options.length_scale, options.speaker)
+        kept = self.cache.get(key, voice.name)
         if kept is not None:
             self.context.metrics.tts_cache.labels("hit").inc()
-            audio, level = kept
             if sink is not None:
-                await sink(audio, level)
-            return ChainResult(audio, level, audio.engine, (), cached=True)
+                await sink(kept, first)
+            return ChainResult(kept, first, kept.engine, (), cached=True)
         if self.cache.max_bytes > 0:
             self.context.metrics.tts_cache.labels("miss").inc()
         streamed: set[int] = set()
@@ -511,5 +601,5 @@ class TtsService(WyomingService):
         if sink is not None and result.level not in streamed:
             await sink(result.value, result.level)
         if result.level == first:
-            self.cache.put(key, result.value, result.level)
+            self.cache.put(key, result.value)
         return result
