@@ -420,11 +420,36 @@ class _SourceMap:
         return self.path
 
 
+def _duplicate_key(node: yaml.Node | None, prefix: str = "") -> tuple[str, int] | None:
+    """The first key given twice in one mapping (dotted path, line), found in the composed tree:
+    PyYAML keeps the last silently, and the first, maybe the one a user edited, would do nothing."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            path = f"{prefix}{key_node.value}"
+            if path in seen:
+                return path, key_node.start_mark.line + 1
+            seen.add(path)
+            found = _duplicate_key(value_node, f"{path}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix.rstrip('.')}[{index}].")
+            if found:
+                return found
+    return None
+
+
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError("(file)", source, f"not valid YAML: {error}") from error
+    if duplicate is not None:
+        key, line = duplicate
+        raise ConfigError(key, source, f"given twice (again on line {line}): keep one")
     if data is None:
         return {}
     if not isinstance(data, dict):

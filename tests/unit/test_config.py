@@ -70,6 +70,9 @@ def test_comma_separated_list_from_environment() -> None:
         ("metrics:\n  enabled: 'yes please'\n", "metrics.enabled", "true or false"),
         ("tts: [1, 2]\n", "tts", "mapping"),
         ("nonsense: 1\n", "nonsense", "unknown key"),
+        ("tts:\n  cache_mb: 8\n  cache_mb: 16\n", "tts.cache_mb", "given twice (again on line 3)"),
+        ("tts:\n  voices:\n    fr:\n      - model: a\n        model: b\n", "tts.voices.fr[0].model", "twice"),
+        ("asr: {}\nasr: {}\n", "asr", "given twice"),
     ],
 )
 def test_file_errors_name_key_and_file(tmp_path: Path, text: str, key: str, fragment: str) -> None:
