@@ -191,8 +191,6 @@ async def test_tts_primary_fault_falls_back_opens_circuit_and_recovers(mode: str
         assert sample(service, attempts, {"service": "tts.en", "engine": "piper-joe", "outcome": "ok"}) == 2
 
 
-
-
 @pytest.mark.parametrize("mode", ["hang", "cuda-oom", "raise"])
 async def test_handle_primary_fault_falls_back_to_the_next_llm(mode: str) -> None:
     smollm = {"model": "smollm2-135m", "device": "cpu"}

@@ -240,4 +240,3 @@ class _GpuCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=labels)
             family.add_metric(values, value)
             yield family
-
