@@ -209,10 +209,30 @@ async def check_services(
                 _LOGGER.debug("%s smoke failed", name, exc_info=True)
                 report.add(name, "smoke", Status.BROKEN, f"{type(error).__name__}: {error}")
             _report_crashes(report, name, service)
+            await _check_home(report, name, service)
         await _read_back(report, started_services)
     finally:
         for service in started_services.values():
             await service.stop()
+
+
+HOME_BROKEN_REASONS = ("unauthorized", "not_configured")
+"""What only the user can fix (the token, the MCP integration): broken; the rest (Home Assistant
+down or slow right now) is degraded, the handle still answers in words."""
+
+
+async def _check_home(report: Report, name: str, service: WyomingService) -> None:
+    """With ``handle.hass_url``: does Home Assistant's MCP server answer, with this token?"""
+    control = getattr(service, "home_control", None)
+    if control is None:
+        return
+    await control.warm()
+    reached = control.reached
+    if reached.get("reachable"):
+        report.add(name, "home assistant", Status.OK, f"MCP server answered: {reached['tools']} tools")
+        return
+    status = Status.BROKEN if reached.get("reason") in HOME_BROKEN_REASONS else Status.DEGRADED
+    report.add(name, "home assistant", status, f"cannot act on the home: {reached.get('detail')}")
 
 
 async def _load_levels(report: Report, name: str, service: WyomingService) -> None:

@@ -26,6 +26,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 from wyoming.info import Describe, Info
 
+from wyoming_superwhisper.doctor import Report, Status, check_services
 from wyoming_superwhisper.handle.engines import ChatDelta, ChatEngine, ChatRequest
 from wyoming_superwhisper.handle.home import exposed_entities, home_of, parse_tools
 from wyoming_superwhisper.handle.mcp_home import (
@@ -461,3 +462,23 @@ async def test_a_home_assistant_refusing_the_token_shows_in_status_from_the_star
         events = await transcript(server.port, "Allume la lumière de la cuisine")
         assert [e.type for e in events] == ["not-handled"]  # and the server keeps serving
         assert served.status()["home"]["reason"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("home", "status", "detail"),
+    [
+        (RecordedHome(), Status.OK, f"MCP server answered: {len(RECORDED['tools'])} tools"),
+        (BrokenHome(HomeUnavailable("unauthorized", "401 Unauthorized")), Status.BROKEN, "401"),
+        (BrokenHome(HomeUnavailable("not_configured", "404 on /mcp_server/sse")), Status.BROKEN, "404"),
+        (BrokenHome(HomeUnavailable("unreachable", "connection refused")), Status.DEGRADED, "refused"),
+    ],
+    ids=["reached", "token-refused", "no-mcp-server", "down"],
+)
+async def test_the_doctor_says_whether_the_handle_can_act_on_the_home(
+    home: McpHome, status: Status, detail: str
+) -> None:
+    served = with_home(home)
+    report = Report()
+    await check_services(report, served.context, {"handle": lambda _: served}, load_all_levels=False)
+    check = next(c for c in report.checks if c.name == "home assistant")
+    assert (check.area, check.status) == ("handle", status) and detail in check.detail, check
