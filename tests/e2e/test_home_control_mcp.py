@@ -301,3 +301,26 @@ async def test_a_bad_token_is_said_and_the_server_keeps_serving(setup: Setup) ->
         assert metric_total(metrics, "superwhisper_handle_home_actions_total", outcome="unauthorized") == 3
     finally:
         handle.process.stop()
+
+
+def test_the_doctor_checks_the_token_against_the_real_home_assistant(setup: Setup) -> None:
+    """``superwhisper doctor --only handle``: the good token reaches the MCP server, a bad one
+    is broken (exit 2) with the reason, before any command."""
+    import json
+    import subprocess
+
+    def doctor(token: str) -> tuple[int, dict[str, Any]]:
+        argv = [
+            str(SUPERWHISPER_BIN), "doctor", "--only", "handle", "--json",
+            "--set", f"handle.hass_url={setup.hass_url}", "--set", f"handle.hass_token={token}",
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
+        report = json.loads(done.stdout)
+        return done.returncode, next(c for c in report["checks"] if c["name"] == "home assistant")
+
+    code, check = doctor(setup.token)
+    assert check["status"] == "ok" and "tools" in check["detail"], check
+    assert code in (0, 1)  # degraded at worst: a missing preferred model, not the home
+    code, check = doctor("not-a-valid-token")
+    assert (code, check["status"]) == (2, "broken"), check
+    assert "unauthorized" in check["detail"], check
