@@ -482,3 +482,20 @@ async def test_the_doctor_says_whether_the_handle_can_act_on_the_home(
     await check_services(report, served.context, {"handle": lambda _: served}, load_all_levels=False)
     check = next(c for c in report.checks if c.name == "home assistant")
     assert (check.area, check.status) == ("handle", status) and detail in check.detail, check
+
+
+async def test_the_homes_confirmations_are_offered_to_be_ready_at_start(serve: Any) -> None:
+    """Each switchable exposed device, on and off (a cover opened and closed), worded as the
+    confirmation after the call would be (10 devices of the recorded home, 20 sentences), and
+    the 4 fixed answers."""
+    served = with_home(RecordedHome())
+    async with serve(served):
+        await until_reached(served)
+        offered = [await asyncio.wait_for(served.context.phrases.next(), 5) for _ in range(24)]
+    assert {language for language, _ in offered} == {"fr"}
+    texts = [text for _, text in offered]
+    assert "J'ai allumé la lumière de la cuisine." in texts and "J'ai éteint la cafetière." in texts
+    assert "J'ai ouvert le volet du salon." in texts and "J'ai fermé le volet du salon." in texts
+    assert not any("Chauffage" in t or "Température" in t for t in texts)  # not switched on/off
+    assert {"C'est fait.", "Je n'ai pas compris quel appareil. Pouvez-vous répéter ?"} <= set(texts)
+    assert served.context.phrases.offer("fr", texts) == 0  # each offered once

@@ -550,3 +550,43 @@ async def test_the_cache_dir_keeps_to_its_size_and_drops_a_broken_file(serve: Se
         await say(server, texts[4])  # kept
         await say(server, texts[0])  # removed for the size
     assert voice.calls == [texts[5], texts[0]]
+
+
+async def until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
+    for _ in range(int(limit_s / 0.01)):  # bounded: background work of the service
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached in time")
+
+
+async def test_offered_phrases_are_prepared_when_idle_and_then_said_from_the_cache(serve: Serve) -> None:
+    """What another service of the process offers (the handle's confirmations) is rendered while
+    no answer is in flight; its first request is then a hit."""
+    voice = FakeVoice()
+    service = make_service({"fr": [voice]})
+    async with serve(service) as server:
+        assert service.in_flight.try_enter()  # an answer in flight: preparing waits for it
+        phrases = ["J'ai allumé la cafetière.", "C'est fait.", "C'est fait."]
+        assert service.context.phrases.offer("fr", phrases) == 2
+        await asyncio.sleep(0.2)
+        assert voice.calls == []
+        service.in_flight.leave()
+        await until(lambda: len(voice.calls) == 2)
+        assert (
+            await say(server, "J'ai allumé la cafetière.")
+            == Audio(speech_like("J'ai allumé la cafetière.", 22050), 22050).pcm
+        )
+        assert service.context.phrases.offer("fr", ["C'est fait."]) == 0  # offered once only
+    assert voice.calls == ["J'ai allumé la cafetière.", "C'est fait."]
+    counter = service.context.metrics.tts_cache
+    assert counter.labels("prepared")._value.get() == 2 and counter.labels("hit")._value.get() == 1
+
+
+async def test_nothing_is_prepared_without_a_cache(serve: Serve) -> None:
+    voice = FakeVoice()
+    service = make_service({"fr": [voice]}, **{"tts.cache_mb": 0})
+    async with serve(service):
+        service.context.phrases.offer("fr", ["C'est fait."])
+        await asyncio.sleep(0.2)
+    assert voice.calls == []

@@ -407,6 +407,35 @@ def confirmation(call: Mapping[str, Any], result: Any, language: str, home: Home
 
 _NO_ENTITY = ExposedEntity(names=("",), domain="")
 
+_SWITCHED_DOMAINS = frozenset(["light", "switch", "fan", "cover", "valve", "media_player"])
+
+
+def likely_confirmations(home: Home, language: str) -> list[str]:
+    """What :func:`confirmation` says after each exposed device was turned on and off (a cover
+    opened and closed), and the fixed answers ("C'est fait.", not understood): the sentences a
+    home hears most, worth having ready before they are needed (the TTS renders them while
+    idle, ``runtime.server.PhraseBook``)."""
+    fr = _base(language) == "fr"
+    texts = [
+        "C'est fait." if fr else "Done.",
+        not_understood(language),
+        not_understood(language, device_heard=True),
+        state_unknown(language),
+    ]
+    for entity in home.entities:
+        if entity.domain not in _SWITCHED_DOMAINS:
+            continue
+        for tool in ("HassTurnOn", "HassTurnOff"):
+            call = {"name": tool, "arguments": {"name": entity.name}}
+            done = {
+                "response_type": "action_done",
+                "data": {"success": [{"name": entity.name}], "failed": []},
+            }
+            text = confirmation(call, done, language, home)
+            if text:
+                texts.append(text)
+    return texts
+
 
 def _speech_of(result: Mapping[str, Any]) -> str | None:
     """Home Assistant's own sentence in an intent result, when it wrote one."""

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, HandleSettings
+from .home import home_of
+from .intents import likely_confirmations
 
 if TYPE_CHECKING:
     from mcp import ClientSession
@@ -371,7 +373,18 @@ class HomeControl:
             _LOGGER.warning("hass mcp: Home Assistant not usable at start (%s): %s", self.home.sse_url, error)
             return
         self._reached(snapshot)
-        _LOGGER.info("hass mcp: Home Assistant reached, %d tools", len(snapshot.tools))
+        language = self.service.settings.language
+        try:
+            home = home_of([{"role": "system", "content": snapshot.prompt}], snapshot.tools)
+            offered = self.service.context.phrases.offer(language, likely_confirmations(home, language))
+        except Exception:  # preparing is a bonus: never a reason to fail the start
+            _LOGGER.exception("hass mcp: could not list the confirmations to prepare")
+            offered = 0
+        _LOGGER.info(
+            "hass mcp: Home Assistant reached, %d tools; %d confirmations offered to be ready",
+            len(snapshot.tools),
+            offered,
+        )
 
     def _reached(self, snapshot: HomeSnapshot) -> None:
         self.reached = {"reachable": True, "tools": len(snapshot.tools)}

@@ -168,6 +168,15 @@ class InFlight:
         self.limit = max(1, limit)
         self.count = 0
         self._gauge = gauge
+        self._idle: asyncio.Event | None = None
+
+    async def idle(self) -> None:
+        """Return once no request is being answered (background work waits for it)."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        while self.count:
+            self._idle.clear()
+            await self._idle.wait()
 
     def try_enter(self) -> bool:
         """Count one request in; False when ``limit`` are already being answered."""
@@ -180,6 +189,8 @@ class InFlight:
     def leave(self) -> None:
         self.count = max(0, self.count - 1)
         self._report()
+        if not self.count and self._idle is not None:
+            self._idle.set()
 
     def _report(self) -> None:
         if self._gauge is not None:

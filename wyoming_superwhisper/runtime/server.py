@@ -18,7 +18,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -41,6 +41,42 @@ LINGER_BYTES = 1 << 20
 """At most this much is dropped (about 30 s of 16 kHz audio) before the socket is closed anyway."""
 
 
+class PhraseBook:
+    """Sentences one service expects another to say soon, shared by the services of a process.
+
+    The handle offers the confirmations it would word for this home ("J'ai allumé la lumière
+    de la cuisine."); a TTS in the same process renders them while it is idle, so the first
+    time one is said its audio is already kept. In separate processes nobody takes them.
+    """
+
+    def __init__(self) -> None:
+        self._offered: set[tuple[str, str]] = set()
+        self._pending: list[tuple[str, str]] = []
+        self._arrived: asyncio.Event | None = None
+
+    def offer(self, language: str, texts: Sequence[str]) -> int:
+        """Queue the texts not offered before; how many were new."""
+        new = [
+            (language, text)
+            for text in dict.fromkeys(texts)
+            if text and (language, text) not in self._offered
+        ]
+        self._offered.update(new)
+        self._pending.extend(new)
+        if new and self._arrived is not None:
+            self._arrived.set()
+        return len(new)
+
+    async def next(self) -> tuple[str, str]:
+        """The next offered (language, text), waiting for one."""
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._pending.pop(0)
+
+
 @dataclass
 class ServiceContext:
     """What the runtime gives every service: one of each, shared in the process."""
@@ -51,6 +87,8 @@ class ServiceContext:
     metrics: Metrics
     vram: VramGuard | None = None
     """GPU memory hygiene shared by every chain of the process (no-op without a GPU)."""
+    phrases: PhraseBook = field(default_factory=PhraseBook)
+    """What one service expects another to say soon (the handle's confirmations → the TTS)."""
 
     def __post_init__(self) -> None:
         if self.vram is None:
@@ -157,8 +195,11 @@ class WyomingService(ABC):
         for chain in self.chains():
             usable = [lv for lv in chain.status() if lv["loaded"] and lv["circuit"] != "open"]
             if not chain.healthy() or not usable:
-                crashed = [f"{lv['engine']} {lv['last_error']}" for lv in chain.status() if lv["worker"]
-                           and lv["worker"]["crashes"] and lv["circuit"] == "open"]
+                crashed = [
+                    f"{lv['engine']} {lv['last_error']}"
+                    for lv in chain.status()
+                    if lv["worker"] and lv["worker"]["crashes"] and lv["circuit"] == "open"
+                ]
                 detail = f" ({'; '.join(crashed)})" if crashed else ""
                 return False, f"{chain.service}: no healthy, loaded engine{detail}"
         return True, "ok"

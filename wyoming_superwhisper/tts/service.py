@@ -14,6 +14,7 @@ voice answers as fast as the primary would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -48,7 +49,7 @@ from .engines import (
     check_duration,
 )
 from .kokoro import KokoroEngine, packaged_voice
-from .sentences import SplitterOptions, normalize
+from .sentences import SplitterOptions, normalize, split_sentences
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ DEFAULT_RATE = 22050
 SPLIT_CACHE = ".vits-split"
 """Under the registry's cache directory: Piper voices' graphs cut for chunked decoding
 (a dot folder, so the registry's scan of dropped-in models passes it by)."""
+
+PREPARE_PRIORITY = (9.0, 0.0)
+"""Where a segment prepared in advance waits for its voice: behind every answer's segments."""
 
 AudioSink = Callable[[Audio, int], Awaitable[None]]
 """Receives a segment's audio as it comes (a piece, the chain level that made it)."""
@@ -324,6 +328,7 @@ class TtsService(WyomingService):
             resolve_path(context.settings, self.settings.cache_dir) if self.settings.cache_dir else None
         )
         self.cache = SegmentCache(int(self.settings.cache_mb * 1024 * 1024), directory)
+        self._preparing: asyncio.Task[None] | None = None
         self._voice_ids: dict[int, str] = {}
         """Per engine: what makes its audio what it is (model, version, options), for the cache's keys."""
         self.in_flight = InFlight(self.settings.queue_size)
@@ -451,6 +456,36 @@ class TtsService(WyomingService):
             for index in range(len(chain.levels)):
                 await chain.load(index)
         self.state = ServiceState.READY
+        self._preparing = asyncio.create_task(self._prepare_offered(), name="tts-prepare-offered")
+
+    async def stop(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._preparing
+            self._preparing = None
+        await super().stop()
+
+    async def _prepare_offered(self) -> None:
+        """Render what another service of this process expects to be said soon (the handle's
+        confirmations for this home, ``context.phrases``) when no answer is in flight, so the
+        first time one is said it is already kept. A segment being prepared holds its voice
+        until done (Kokoro: about 0.7 s): an answer arriving then waits that long at most."""
+        while True:
+            language, text = await self.context.phrases.next()
+            if self.cache.max_bytes <= 0:
+                continue
+            try:
+                route = self.route(None, language)
+            except VoiceError:
+                continue
+            options = SynthesisOptions(length_scale=self.settings.length_scale, priority=PREPARE_PRIORITY)
+            for segment in split_sentences(text, self.splitter_options()):
+                await self.in_flight.idle()  # live answers first: wait for a quiet moment
+                try:
+                    await self.speak(route, segment, options, prepare=True)
+                except Exception as error:  # a voice failing here fails no one; answers will tell
+                    _LOGGER.debug("tts: could not prepare %r: %s", segment, error)
 
     async def smoke(self) -> str:
         """One sentence through the default language's chain; kept for the doctor's read-back."""
@@ -540,9 +575,18 @@ class TtsService(WyomingService):
         return DEFAULT_RATE
 
     async def speak(
-        self, route: Route, text: str, options: SynthesisOptions, sink: AudioSink | None = None
+        self,
+        route: Route,
+        text: str,
+        options: SynthesisOptions,
+        sink: AudioSink | None = None,
+        *,
+        prepare: bool = False,
     ) -> ChainResult[Audio] | None:
         """One segment through the route's chain, normalized for its language; None if empty.
+
+        ``prepare``: only to have it kept (:meth:`_prepare_offered`): nothing when it already
+        is, counted as ``prepared`` rather than a miss.
 
         With a ``sink``, the accepted audio goes there: a voice that streams
         (Piper with ``tts.chunked_decode``) hands over each piece as it is decoded,
@@ -561,12 +605,14 @@ class TtsService(WyomingService):
         key: CacheKey = (identity, spoken, options.length_scale, options.speaker)
         kept = self.cache.get(key, voice.name)
         if kept is not None:
+            if prepare:
+                return None
             self.context.metrics.tts_cache.labels("hit").inc()
             if sink is not None:
                 await sink(kept, first)
             return ChainResult(kept, first, kept.engine, (), cached=True)
         if self.cache.max_bytes > 0:
-            self.context.metrics.tts_cache.labels("miss").inc()
+            self.context.metrics.tts_cache.labels("prepared" if prepare else "miss").inc()
         streamed: set[int] = set()
 
         def gate(audio: Audio) -> str | None:
