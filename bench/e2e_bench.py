@@ -116,10 +116,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_ready(port: int, child: subprocess.Popen[bytes], name: str, within_s: float = 180) -> None:
+async def wait_ready(
+    port: int, child: subprocess.Popen[bytes] | None, name: str, within_s: float = 180
+) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if child.poll() is not None:
+        if child is not None and child.poll() is not None:
             raise RuntimeError(f"{name} exited with {child.returncode}")
         with contextlib.suppress(OSError, TimeoutError):
             async with AsyncTcpClient("127.0.0.1", port) as client:

@@ -22,8 +22,11 @@ ending the turn is measured from the same instant:
 With ``--home``, six French home commands also go through a real Home Assistant
 (``.venv-hass``, the French home of ``tests/e2e/hass.py``, its MCP server): our
 semantic ASR → a handle acting through MCP (Home Assistant's templates, no model) →
-a TTS that keeps segments (``tts.cache_mb``): ``home_first_time`` (round 0, each
-confirmation synthesized) and ``home_again`` (later rounds, said from the cache).
+a TTS that keeps segments (``tts.cache_mb``), the handle and the TTS in one
+``superwhisper serve`` process as the add-on runs them, so the TTS prepares the
+confirmations the handle offers for this home once it reached Home Assistant (the rounds
+start when it is done): ``home_first_time`` (round 0, each confirmation's first time)
+and ``home_again`` (later rounds).
 The other modes' TTS keeps nothing (``tts.cache_mb`` 0), as before the cache.
 
 The commands are spoken by our TTS's Kokoro voice (a natural voice stands in
@@ -55,7 +58,15 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from bench.e2e_bench import chained, free_port, ours_command, peer_asr_command, server, summary
+from bench.e2e_bench import (
+    chained,
+    free_port,
+    ours_command,
+    peer_asr_command,
+    server,
+    summary,
+    wait_ready,
+)
 from bench.peers import PEERS
 from wyoming_superwhisper import pipeline
 from wyoming_superwhisper.config import load_settings
@@ -257,10 +268,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "peer": "HA's VAD → wyoming-faster-whisper → our handle read whole → one synthesize to our TTS",
             "semantic_same_cpu": "as semantic, the handle's model at the servers' CPU priority (cpu_nice 0)",
             "home_first_time": "--home: semantic ASR → handle acting through Home Assistant's MCP server "
-            "(templates, no model) → TTS keeping segments; each confirmation said the first time",
+            "(templates, no model) → TTS keeping segments, handle and TTS in one serve process as in the "
+            "add-on (the TTS prepared the confirmations the handle offered); each said the first time",
             "home_again": "--home: the same commands in later rounds: each confirmation said again",
         },
         "tts_cache": "off (tts.cache_mb 0) but for the --home modes",
+        "home_prepared_segments": getattr(args, "prepared", None),
         "peer_asr": peer.version() if peer else None,
         "target_p50_s": TARGET_P50_S,
         "rounds": args.rounds,
@@ -314,9 +327,23 @@ async def _home_rows(
     hass = stack.enter_context(home_assistant(work / "hass-config", home=True))
     await asyncio.to_thread(hass.wait_ready, 180)
     token = await mcp_home(hass.url)
-    command = ours_command("handle", ports["handle_home"], args.cpu_threads)
-    command += ["--set", f"handle.hass_url={hass.url}", "--set", f"handle.hass_token={token}"]
-    await stack.enter_async_context(server("handle_home", command, ports["handle_home"], work))
+    # The handle and the TTS in one process, as the add-on runs them: the TTS prepares the
+    # confirmations the handle offers for this home (context.phrases) while idle.
+    metrics_port = free_port()
+    settings = [
+        *_sets(ours_command("handle", ports["handle_home"], args.cpu_threads)),
+        *_sets(tts_command(ports["tts_home"], cache_mb=32)),
+        *("--set", f"handle.uri=tcp://127.0.0.1:{ports['handle_home']}"),
+        *("--set", f"tts.uri=tcp://127.0.0.1:{ports['tts_home']}"),
+        *("--set", f"handle.hass_url={hass.url}", "--set", f"handle.hass_token={token}"),
+        *("--set", "metrics.host=127.0.0.1"),
+    ]
+    command = [
+        sys.executable, "-m", "wyoming_superwhisper", "serve", "--only", "handle,tts", "--no-zeroconf",
+        "--metrics-port", str(metrics_port), "--no-smoke", "--log-level", "WARNING", *settings,
+    ]  # fmt: skip
+    await stack.enter_async_context(server("handle_tts_home", command, ports["tts_home"], work))
+    await wait_ready(ports["handle_home"], None, "handle_home")
     asr = uri["semantic"]
     if args.home_hints:  # names of the home as hints, read from Home Assistant (asr.hass_url)
         hinted = free_port()
@@ -326,8 +353,6 @@ async def _home_rows(
         )  # fmt: skip
         await stack.enter_async_context(server("asr_home_hints", command, hinted, work))
         asr = f"tcp://127.0.0.1:{hinted}"
-    tts = tts_command(ports["tts_home"], cache_mb=32)
-    await stack.enter_async_context(server("tts_home", tts, ports["tts_home"], work))
     clips = []
     for index, text in enumerate(HOME_COMMANDS):
         speech = await speak(ports["tts_home"], text)
@@ -341,7 +366,10 @@ async def _home_rows(
     )  # fmt: skip
     async with aiohttp.ClientSession() as session:
         await reset_home(session, hass.url, token)
+        prepared = await _prepared(session, metrics_port)
+    _LOGGER.info("the TTS prepared %d confirmations before the rounds", prepared)
     rows: dict[str, list[dict[str, Any]]] = {"home_first_time": [], "home_again": []}
+    args.prepared = prepared
     for round_index in range(args.rounds):
         for text, speech_end, wav in clips:
             result = await pipeline.run_pipeline(
@@ -351,6 +379,32 @@ async def _home_rows(
             mode = "home_first_time" if round_index == 0 else "home_again"
             rows[mode].append(_row(mode, text, round_index, result, speech_end))
     return rows
+
+
+def _sets(command: list[str]) -> list[str]:
+    """The ``--set KEY=VALUE`` pairs of a server command line."""
+    return [part for i, part in enumerate(command) if part == "--set" or (i and command[i - 1] == "--set")]
+
+
+async def _prepared(session: Any, metrics_port: int, limit_s: float = 180.0) -> int:
+    """Wait until the TTS stops preparing offered phrases (its count unchanged for 3 s); the count."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    last, steady, waited = -1, 0.0, 0.0
+    while waited < limit_s:
+        async with session.get(url) as reply:
+            text = await reply.text()
+        count = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("superwhisper_tts_cache_total") and 'result="prepared"' in line
+        )
+        steady = steady + 0.5 if count == last and count > 0 else 0.0
+        if steady >= 3.0:
+            return int(count)
+        last = int(count)
+        await asyncio.sleep(0.5)
+        waited += 0.5
+    return max(last, 0)
 
 
 def _after(at: float | None, ended: float) -> float | None:

@@ -43,9 +43,7 @@ def raw_run(llm: Any, messages: list[dict[str, Any]], max_tokens: int) -> dict[s
     started = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    for chunk in llm.create_chat_completion(
-        messages=messages, stream=True, max_tokens=max_tokens, **OPTIONS
-    ):
+    for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_tokens, **OPTIONS):
         if chunk["choices"][0]["delta"].get("content"):
             now = time.perf_counter()
             tokens += 1

@@ -186,21 +186,37 @@ async def server(command: list[str], port: int, log: Path) -> AsyncIterator[int]
 def ours_command(port: int) -> list[str]:
     voices = json.dumps({"en": [{"model": "piper-joe"}]})
     return [
-        sys.executable, "-m", "wyoming_superwhisper", "tts",
-        "--uri", f"tcp://127.0.0.1:{port}",
-        "--no-zeroconf", "--no-metrics", "--no-smoke", "--log-level", "WARNING",
-        "--set", "models.environment=test",
-        "--set", "tts.language=en",
-        "--set", f"tts.voices={voices}",
+        sys.executable,
+        "-m",
+        "wyoming_superwhisper",
+        "tts",
+        "--uri",
+        f"tcp://127.0.0.1:{port}",
+        "--no-zeroconf",
+        "--no-metrics",
+        "--no-smoke",
+        "--log-level",
+        "WARNING",
+        "--set",
+        "models.environment=test",
+        "--set",
+        "tts.language=en",
+        "--set",
+        f"tts.voices={voices}",
     ]
 
 
 def peer_command(python: str, port: int, voice_dir: Path, voice: str, streaming: bool) -> list[str]:
     command = [
-        python, "-m", "wyoming_piper",
-        "--uri", f"tcp://127.0.0.1:{port}",
-        "--voice", voice,
-        "--data-dir", str(voice_dir),
+        python,
+        "-m",
+        "wyoming_piper",
+        "--uri",
+        f"tcp://127.0.0.1:{port}",
+        "--voice",
+        voice,
+        "--data-dir",
+        str(voice_dir),
         "--local-files-only",
     ]
     return command if streaming else [*command, "--no-streaming"]
@@ -237,13 +253,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for mode in ("synthesize", "streaming")
     ]
     scenarios.append(
-        ("three_sentences/synthesize/4_clients", TEXTS["three_sentences"], "synthesize", 4,
-         max(2, args.repeats // 2))
+        (
+            "three_sentences/synthesize/4_clients",
+            TEXTS["three_sentences"],
+            "synthesize",
+            4,
+            max(2, args.repeats // 2),
+        )
     )
     servers: dict[str, dict[str, Any]] = {"superwhisper": {}, "wyoming-piper": {}}
     raw: dict[str, list[dict[str, float]]] = {name: [] for name in TEXTS}
-    async with server(ours_command(ours_port), ours_port, logs / "superwhisper.log"), server(
-        peer, peer_port, logs / "wyoming-piper.log"
+    async with (
+        server(ours_command(ours_port), ours_port, logs / "superwhisper.log"),
+        server(peer, peer_port, logs / "wyoming-piper.log"),
     ):
         ports = {"superwhisper": ours_port, "wyoming-piper": peer_port}
         for key, text, mode, clients, repeats in scenarios:
