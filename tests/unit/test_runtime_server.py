@@ -377,3 +377,21 @@ async def test_readyz_waits_for_the_wyoming_ports_to_listen() -> None:
     finally:
         await ops.stop()
         await service.stop()
+
+
+async def test_background_work_runs_beside_the_service_and_stops_with_it() -> None:
+    service = EchoService(make_context())
+    await service.start()
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            finished.set()
+
+    service.background(forever(), "forever")
+    await asyncio.wait_for(started.wait(), 5)
+    await service.stop()
+    assert finished.is_set()  # cancelled by stop, not left running

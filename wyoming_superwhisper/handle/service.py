@@ -216,7 +216,6 @@ class HandleService(WyomingService):
         )
         """Acting through Home Assistant's MCP server (``handle.hass_url``); built here so that a bad
         URL stops the start with the key named, and one per service (it keeps calls per conversation)."""
-        self._warm_home: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
         """The base status, and with ``handle.hass_url`` how the last exchange with Home Assistant went."""
@@ -246,7 +245,7 @@ class HandleService(WyomingService):
             for language in dict.fromkeys((self.settings.language, "fr", "en")):
                 await asyncio.to_thread(self.intents.supports, language)
         if self.home_control is not None:
-            self._warm_home = asyncio.create_task(self.home_control.warm(), name="handle-warm-home")
+            self.background(self.home_control.warm(), "warm-home")
         if self.settings.api_port:
             from .api import OpenAIApi
 
@@ -254,11 +253,6 @@ class HandleService(WyomingService):
             await self._api.start()
 
     async def stop(self) -> None:
-        if self._warm_home is not None:
-            self._warm_home.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._warm_home
-            self._warm_home = None
         if self._api is not None:
             await self._api.stop()
             self._api = None

@@ -144,7 +144,8 @@ class Metrics:
         self.tts_cache = Counter(
             "superwhisper_tts_cache_total",
             "Segments the TTS looked up in its audio cache (tts.cache_mb): hit (sent without "
-            "synthesis) or miss (synthesized)",
+            "synthesis), miss (synthesized for an answer) or prepared (synthesized in advance, "
+            "offered by another service of the process)",
             ["result"],
             registry=r,
         )

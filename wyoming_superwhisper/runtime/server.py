@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -152,6 +152,13 @@ class WyomingService(ABC):
         self.context = context
         self.state = ServiceState.STARTING
         self.started_at = time.time()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` beside the service (warm-ups, preparing): :meth:`stop` cancels it."""
+        task = asyncio.create_task(work, name=f"{self.name}-{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     @abstractmethod
@@ -184,6 +191,10 @@ class WyomingService(ABC):
 
     async def stop(self) -> None:
         self.state = ServiceState.STOPPING
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for chain in self.chains():
             await chain.close()
         self.state = ServiceState.STOPPED

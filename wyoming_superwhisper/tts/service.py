@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import wave
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class SegmentCache:
         self.max_bytes = max_bytes
         self._audio: Any = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda audio: len(audio.pcm))
         self.directory = directory if max_bytes > 0 else None
+        self._disk = threading.Lock()
+        """Files are read and written in threads: one at a time, so the size count stays true."""
         self._disk_bytes = 0
         if self.directory is not None:
             try:
@@ -106,14 +109,34 @@ class SegmentCache:
                 _LOGGER.warning("tts: segments kept in memory only, %s unusable: %s", self.directory, error)
                 self.directory = None
 
-    def get(self, key: CacheKey, engine: str) -> Audio | None:
-        """The kept audio of ``key`` (made by ``engine``), from memory or its file; None."""
+    async def get(self, key: CacheKey, engine: str) -> Audio | None:
+        """The kept audio of ``key`` (made by ``engine``), from memory or its file (read in a
+        thread); None."""
         if self.max_bytes <= 0:
             return None
         kept: Audio | None = self._audio.get(key)
         if kept is not None or self.directory is None:
             return kept
-        path = self._path(key)
+        read = await asyncio.to_thread(self._read, self._path(key))
+        if read is None:
+            return None
+        audio = Audio(read[1], read[0], engine)
+        self._audio[key] = audio
+        return audio
+
+    async def put(self, key: CacheKey, audio: Audio) -> None:
+        if self.max_bytes <= 0 or len(audio.pcm) > self.max_bytes // 4:
+            return  # one long segment must not push every short answer out
+        self._audio[key] = audio
+        if self.directory is not None:
+            await asyncio.to_thread(self._write, self._path(key), audio)
+
+    def _read(self, path: Path) -> tuple[int, bytes] | None:
+        """(rate, PCM) of a kept segment's file; None when absent or unreadable (then removed)."""
+        with self._disk:
+            return self._read_file(path)
+
+    def _read_file(self, path: Path) -> tuple[int, bytes] | None:
         try:
             with wave.open(str(path), "rb") as wav:
                 if (wav.getnchannels(), wav.getsampwidth()) != (CHANNELS, SAMPLE_WIDTH):
@@ -126,31 +149,25 @@ class SegmentCache:
             _LOGGER.warning("tts: dropping unreadable kept segment %s: %s", path.name, error)
             self._remove(path)
             return None
-        audio = Audio(pcm, rate, engine)
-        self._audio[key] = audio
-        return audio
+        return rate, pcm
 
-    def put(self, key: CacheKey, audio: Audio) -> None:
-        if self.max_bytes <= 0 or len(audio.pcm) > self.max_bytes // 4:
-            return  # one long segment must not push every short answer out
-        self._audio[key] = audio
-        if self.directory is None:
-            return
-        path = self._path(key)
+    def _write(self, path: Path, audio: Audio) -> None:
+        """The segment's WAV file (written aside, then renamed), the directory kept to size."""
         partial = path.with_suffix(".part")
-        try:
-            with wave.open(str(partial), "wb") as wav:
-                wav.setnchannels(CHANNELS)
-                wav.setsampwidth(SAMPLE_WIDTH)
-                wav.setframerate(audio.rate)
-                wav.writeframes(audio.pcm)
-            os.replace(partial, path)
-            self._disk_bytes += path.stat().st_size
-        except OSError as error:
-            _LOGGER.warning("tts: cannot keep a segment in %s: %s", self.directory, error)
-            return
-        if self._disk_bytes > self.max_bytes:
-            self._trim()
+        with self._disk:
+            try:
+                with wave.open(str(partial), "wb") as wav:
+                    wav.setnchannels(CHANNELS)
+                    wav.setsampwidth(SAMPLE_WIDTH)
+                    wav.setframerate(audio.rate)
+                    wav.writeframes(audio.pcm)
+                os.replace(partial, path)
+                self._disk_bytes += path.stat().st_size
+            except OSError as error:
+                _LOGGER.warning("tts: cannot keep a segment in %s: %s", self.directory, error)
+                return
+            if self._disk_bytes > self.max_bytes:
+                self._trim()
 
     def _path(self, key: CacheKey) -> Path:
         assert self.directory is not None
@@ -328,7 +345,6 @@ class TtsService(WyomingService):
             resolve_path(context.settings, self.settings.cache_dir) if self.settings.cache_dir else None
         )
         self.cache = SegmentCache(int(self.settings.cache_mb * 1024 * 1024), directory)
-        self._preparing: asyncio.Task[None] | None = None
         self._voice_ids: dict[int, str] = {}
         """Per engine: what makes its audio what it is (model, version, options), for the cache's keys."""
         self.in_flight = InFlight(self.settings.queue_size)
@@ -456,15 +472,7 @@ class TtsService(WyomingService):
             for index in range(len(chain.levels)):
                 await chain.load(index)
         self.state = ServiceState.READY
-        self._preparing = asyncio.create_task(self._prepare_offered(), name="tts-prepare-offered")
-
-    async def stop(self) -> None:
-        if self._preparing is not None:
-            self._preparing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._preparing
-            self._preparing = None
-        await super().stop()
+        self.background(self._prepare_offered(), "prepare-offered")
 
     async def _prepare_offered(self) -> None:
         """Render what another service of this process expects to be said soon (the handle's
@@ -603,7 +611,7 @@ class TtsService(WyomingService):
         voice = route.chain.levels[first].engine
         identity = f"{route.language}[{first}] {self._voice_ids.get(id(voice), voice.name)}"
         key: CacheKey = (identity, spoken, options.length_scale, options.speaker)
-        kept = self.cache.get(key, voice.name)
+        kept = await self.cache.get(key, voice.name)
         if kept is not None:
             if prepare:
                 return None
@@ -647,5 +655,5 @@ class TtsService(WyomingService):
         if sink is not None and result.level not in streamed:
             await sink(result.value, result.level)
         if result.level == first:
-            self.cache.put(key, result.value)
+            await self.cache.put(key, result.value)
         return result
