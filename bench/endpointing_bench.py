@@ -190,8 +190,16 @@ def paused(before: str, after: str, voice: str, pause_s: float) -> tuple[np.ndar
 
 
 def settings_for(
-    mode: str, endpointing_s: float, turn_pause_s: float = 0.2, turn_decode_pause_s: float = 0.1
+    mode: str,
+    endpointing_s: float,
+    turn_pause_s: float = 0.2,
+    turn_decode_pause_s: float = 0.1,
+    cpu_threads: int | None = None,
 ) -> Settings:
+    """``cpu_threads`` None: the server's default for a CPU level."""
+    options: dict[str, Any] = {"compute_type": "int8"}
+    if cpu_threads is not None:
+        options["cpu_threads"] = cpu_threads
     return load_settings(
         environ={},
         overrides={
@@ -202,7 +210,7 @@ def settings_for(
             "asr.turn_pause_s": turn_pause_s,
             "asr.turn_decode_pause_s": turn_decode_pause_s,
             "asr.beam_size": 5,
-            "asr.chain": [{"model": "whisper-base", "device": "cpu", "options": {"compute_type": "int8"}}],
+            "asr.chain": [{"model": "whisper-base", "device": "cpu", "options": options}],
             "zeroconf.enabled": False,
             "metrics.enabled": False,
         },
@@ -299,6 +307,7 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
         args.endpointing,
         getattr(args, "current_turn_pause", 0.2),
         getattr(args, "current_decode_pause", 0.1),
+        getattr(args, "current_cpu_threads", None),
     )
     metrics = Metrics(CollectorRegistry())
     context = ServiceContext(
@@ -541,11 +550,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     modes = {"fixed": await run_mode("fixed", args, audio)}
     for turn_pause in args.turn_pause:
         for decode_pause in args.decode_pause:
-            args.current_turn_pause, args.current_decode_pause = turn_pause, decode_pause
-            name = f"semantic@{turn_pause:g}" + (
-                f"/decode@{decode_pause:g}" if 0 < decode_pause < turn_pause else ""
-            )
-            modes[name] = await run_mode("semantic", args, audio)
+            for threads in args.cpu_threads:
+                args.current_turn_pause, args.current_decode_pause = turn_pause, decode_pause
+                args.current_cpu_threads = threads
+                name = f"semantic@{turn_pause:g}" + (
+                    f"/decode@{decode_pause:g}" if 0 < decode_pause < turn_pause else ""
+                )
+                if len(args.cpu_threads) > 1:
+                    name += f"/threads@{threads}"
+                modes[name] = await run_mode("semantic", args, audio)
     cost = await smart_turn_cost()
     voices = "Kokoro ff_siwis (fr), Piper joe (en)" if args.voice == "natural" else "espeak-ng"
     return {
@@ -588,8 +601,18 @@ def main(argv: list[str] | None = None) -> int:
         help="how the natural voices pause: trailing (first half said apart, ending in '…'), "
         "cut (the whole sentence cut at the word boundary)",
     )
+    parser.add_argument(
+        "--cpu-threads",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="CTranslate2 threads of the semantic modes; several (1,0) run one mode each "
+        "(default: the server's own, one; 0: CTranslate2's)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    if args.cpu_threads is None:
+        args.cpu_threads = [None]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("wyoming_superwhisper").setLevel(logging.WARNING)
     handler_log = logging.getLogger("wyoming_superwhisper.asr.handler")
@@ -598,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     handler_log.addHandler(VERDICTS)
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.voice == "natural" else "-espeak"
+    suffix = ("" if args.voice == "natural" else "-espeak") + (f"-{args.tag}" if args.tag else "")
     path = args.out / f"endpointing-{results['date']}{suffix}.json"
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     for mode, data in results["modes"].items():

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -652,6 +655,59 @@ async def test_a_loop_from_a_too_short_encoder_window_is_decoded_again(
     assert engine.window_retries == len(engine.frames_decoded) - 1
     assert wer([FRENCH[0]], [result.text]) <= FRENCH_MAX_WER, result.text
     assert len(words(result.text)) <= len(words(FRENCH[0])) + 2, result.text
+
+
+THREADS_OF_A_DECODE = """
+import asyncio, json, os, sys
+import numpy as np
+from wyoming_superwhisper.asr.engines import WhisperEngine
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+async def main():
+    engine = WhisperEngine(sys.argv[1], model_name="whisper-base", options=json.loads(sys.argv[2]))
+    before = threads()
+    engine._model = engine._load()  # on this thread: no executor thread counted
+    audio = np.load(sys.argv[3])
+    segments, _ = engine._model.transcribe(audio, language="fr", beam_size=2, without_timestamps=True)
+    text = " ".join(segment.text for segment in segments)
+    print(json.dumps({"started": threads() - before, "text": text, "cpu_threads": engine.cpu_threads}))
+
+asyncio.run(main())
+"""
+
+
+@requires_espeak
+async def test_a_cpu_level_decodes_on_one_thread_unless_told(
+    whisper: WhisperEngine, speech: Callable[..., np.ndarray], tmp_path: Any
+) -> None:
+    """One CTranslate2 thread by default on the CPU (short commands decode faster so, and the
+    other cores stay with the VAD and the voice); ``cpu_threads`` still gives more. Counted as
+    the OS threads a fresh process starts to load the model and decode once: a team of two
+    threads starts more than the default."""
+    audio = padded(speech(FRENCH[0]), before_s=0.3, after_s=0.2).astype(np.float32) / 32768
+    np.save(tmp_path / "command.npy", audio)
+
+    def run(options: dict[str, Any]) -> dict[str, Any]:
+        argv = [str(whisper.model_dir), json.dumps(options), str(tmp_path / "command.npy")]
+        done = subprocess.run(
+            [sys.executable, "-c", THREADS_OF_A_DECODE, *argv], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    default, two = run({}), run({"cpu_threads": 2})
+    assert (default["cpu_threads"], two["cpu_threads"]) == (1, 2)
+    assert two["started"] > default["started"], (default, two)
+    assert default["text"].strip() and two["text"].strip()
+
+
+async def test_cpu_threads_on_a_gpu_level_and_bad_values_are_left_to_ctranslate2(tmp_path: Any) -> None:
+    assert WhisperEngine(tmp_path, model_name="m", device="cuda:0").cpu_threads == 0
+    assert WhisperEngine(tmp_path, model_name="m", options={"cpu_threads": 4}).cpu_threads == 4
+    for bad in (-1, "two", True):
+        assert WhisperEngine(tmp_path, model_name="m", options={"cpu_threads": bad}).cpu_threads == 1
 
 
 class SaysNumbers(GatedEngine):

@@ -211,6 +211,8 @@ def looks_looped(text: str) -> bool:
 
 FULL_WINDOW_FRAMES = 3000
 """Whisper's encoder input: 30 s of 10 ms mel frames."""
+DEFAULT_CPU_THREADS = 1
+"""CTranslate2 threads of a CPU level without ``options.cpu_threads`` (see ``WhisperEngine.cpu_threads``)."""
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,7 @@ class WhisperEngine:
         kwargs: dict[str, Any] = {"device": device, "compute_type": self.compute_type}
         if device == "cuda":
             kwargs["device_index"] = 0
-        cpu_threads = self.options.get("cpu_threads")
-        if isinstance(cpu_threads, int):
-            kwargs["cpu_threads"] = cpu_threads
+        kwargs["cpu_threads"] = self.cpu_threads
         model = WhisperModel(str(self.model_dir), **kwargs)
         full_encode = model.encode
 
@@ -309,6 +309,22 @@ class WhisperEngine:
 
         model.encode = encode
         return model
+
+    @property
+    def cpu_threads(self) -> int:
+        """CTranslate2's threads for one decode (option ``cpu_threads``); 0: its own default.
+
+        One by default on the CPU: a short command is decoder-bound, dozens of small
+        steps that two threads only slow down by synchronizing (2-core VM, whisper-base
+        int8, beam 5: 165 ms per 2 s French command with one thread, 274 ms with
+        CTranslate2's default; 8 s: 1.27 vs 1.40 s; ``bench/asr_bench.py
+        --cpu-threads``). The other core stays free for the VAD, Smart Turn and a voice
+        speaking beside it. On a GPU the threads only feed it: CTranslate2 decides.
+        """
+        value = self.options.get("cpu_threads")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        return DEFAULT_CPU_THREADS if self.device == "cpu" else 0
 
     @property
     def encoder_window_s(self) -> float:
