@@ -6,6 +6,11 @@ measured through a real TCP socket with the wyoming client, at the configured
 holdback (``handle.stream_holdback_chars``) and with none. Target (issue 5):
 TTFT within raw + 20 ms, throughput ≥ 0.95× raw.
 
+``clock_moves``: a French question in a new minute each time, as a user asks
+one every few minutes: the built-in prompt (date and time last) beside the same
+words with the date second, as the prompt had it until 2026-12-07. llama.cpp
+reuses the start of the last prompt it evaluated, up to the first change.
+
     .venv/bin/python bench/handle_bench.py [--runs 7] [--max-tokens 64]
 
 Writes ``bench/results/handle_bench.json``.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import platform
 import statistics
@@ -62,15 +68,45 @@ def _figures(started: float, first: float, last: float, tokens: int) -> dict[str
     }
 
 
-async def server_runs(holdback: int, runs: int, max_tokens: int) -> list[dict[str, float]]:
+DATE_SECOND = (
+    "Tu es {name}, un assistant vocal de maison connectée. Nous sommes le {date}. "
+    "Réponds en {language}, en une ou deux phrases courtes, faites pour être dites à voix haute. "
+    "N'utilise ni markdown, ni emoji, ni liste, ni titre. Si tu ne sais pas, dis-le simplement."
+)
+"""The built-in French prompt as it was until 2026-12-07: the date and time second."""
+FRENCH_QUESTION = "Quelle est la capitale de la France ?"
+
+
+class MovingClock:
+    """A clock one minute later at each reading: every question in a new minute."""
+
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 12, 7, 20, 0)
+
+    def __call__(self) -> dt.datetime:
+        self.now += dt.timedelta(minutes=1)
+        return self.now
+
+
+async def server_runs(
+    holdback: int,
+    runs: int,
+    max_tokens: int,
+    *,
+    question: str = QUESTION,
+    language: str = LANGUAGE,
+    system_prompt: str = "",
+    clock: Any = dt.datetime.now,
+) -> list[dict[str, float]]:
     settings = make_settings(
         **{
             "handle.chain": [{"model": "smollm2-135m", "device": "cpu", "options": OPTIONS}],
             "handle.max_tokens": max_tokens,
             "handle.stream_holdback_chars": holdback,
+            "handle.system_prompt": system_prompt,
         }
     )
-    service = HandleService(make_context(settings))
+    service = HandleService(make_context(settings), clock=clock)
     engine = service.chain.engines[0]
     assert isinstance(getattr(engine, "engine", engine), LlamaCppEngine)  # in its worker by default
     results = []
@@ -80,7 +116,7 @@ async def server_runs(holdback: int, runs: int, max_tokens: int) -> list[dict[st
             async with AsyncTcpClient(LOOPBACK, server.port) as client:
                 # a fresh conversation id each time: same prompt as the raw runs
                 conversation = {"conversation_id": f"b{i}"}
-                event = Transcript(text=QUESTION, language=LANGUAGE, context=conversation)
+                event = Transcript(text=question, language=language, context=conversation)
                 started = time.perf_counter()
                 await client.write_event(event.event())
                 first = last = 0.0
@@ -129,6 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "holdback_0": asyncio.run(server_runs(0, args.runs, args.max_tokens)),
     }
+    french = {"question": FRENCH_QUESTION, "language": "fr", "clock": MovingClock()}
+    clock_moves = {
+        "date_last": asyncio.run(server_runs(0, args.runs, args.max_tokens, **french)),
+        "date_second": asyncio.run(
+            server_runs(0, args.runs, args.max_tokens, system_prompt=DATE_SECOND, **french)
+        ),
+    }
     raw_summary = summary(raw)
     result: dict[str, Any] = {
         "benchmark": "handle: server vs raw llama-cpp-python",
@@ -140,6 +183,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": args.runs,
         "raw": {"median": raw_summary, "runs": raw},
         "server": {},
+        "clock_moves": {
+            "question": FRENCH_QUESTION,
+            **{name: {"median": summary(rows), "runs": rows} for name, rows in clock_moves.items()},
+        },
     }
     for name, rows in served.items():
         med = summary(rows)
@@ -172,6 +219,9 @@ def main() -> int:
             f"(+{data['ttft_over_raw_ms']:.1f} ms), {data['median']['tokens_per_s']:.1f} tok/s "
             f"({data['throughput_ratio']:.2f}x raw)"
         )
+    for name in ("date_last", "date_second"):
+        data = result["clock_moves"][name]["median"]
+        print(f"a new minute each question, {name}: ttft {data['ttft_s'] * 1000:.1f} ms")
     print(f"written {out}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pytest
 
@@ -44,6 +45,20 @@ def test_system_prompt_is_english_for_an_english_request() -> None:
     assert "Tuesday 24 November 2026, 9:05" in prompt
     assert "Answer in English" in prompt and "markdown" in prompt
     assert "Réponds" not in prompt
+
+
+@pytest.mark.parametrize("language", ["fr", "en", "de"])
+def test_the_instructions_stay_the_same_when_the_clock_moves(language: str) -> None:
+    """llama.cpp reuses the evaluated start of the previous prompt: only the date and time may
+    change from one minute (one day) to the next, and they come after every instruction."""
+    now, later = (
+        system_prompt("Jarvis", language, NOW),
+        system_prompt("Jarvis", language, NOW.replace(day=25, hour=21)),
+    )
+    shared = len(os.path.commonprefix([now, later]))
+    instructions = now.rsplit(". ", 1)[0]  # all but the last sentence: the date
+    assert shared >= len(instructions) > 0.7 * len(now), (now, later)
+    assert now[shared:] != later[shared:]
 
 
 def test_system_prompt_override_fills_placeholders() -> None:

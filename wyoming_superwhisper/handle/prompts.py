@@ -66,6 +66,11 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
     language gets the French ones, which name the language to answer in.
     ``override`` (``handle.system_prompt``) replaces the built-in text; it may use
     ``{name}``, ``{date}`` and ``{language}`` (the date and language in French).
+
+    The date and time come last: llama.cpp reuses the evaluated start of the last prompt,
+    and a time near the start changed it every minute, so nearly every question paid the
+    whole prompt again (SmolLM2-135M, 2-core CPU: first token 0.33 s after a new minute
+    with the time second, 0.10 s with it last).
     """
     lang = base_language(language) or "fr"
     language_name = LANGUAGE_NAMES_FR.get(lang, lang)
@@ -74,17 +79,17 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
     if lang == "en":
         return (
             f"You are {assistant_name}, a smart home voice assistant. "
-            f"Today is {english_datetime(now)}. "
             "Answer in English, in one or two short sentences meant to be spoken aloud. "
             "Use no markdown, no emoji, no lists, no headings. "
-            "If you do not know, just say so."
+            "If you do not know, just say so. "
+            f"Today is {english_datetime(now)}."
         )
     return (
         f"Tu es {assistant_name}, un assistant vocal de maison connectée. "
-        f"Nous sommes le {french_datetime(now)}. "
         f"Réponds en {language_name}, en une ou deux phrases courtes, faites pour être dites "
         "à voix haute. N'utilise ni markdown, ni emoji, ni liste, ni titre. "
-        "Si tu ne sais pas, dis-le simplement."
+        "Si tu ne sais pas, dis-le simplement. "
+        f"Nous sommes le {french_datetime(now)}."
     )
 
 
