@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +422,57 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
     }
 
 
+async def threads_side_by_side(
+    threads: Sequence[int], args: argparse.Namespace, audio: dict[str, Any], rounds: int = 3
+) -> dict[str, Any]:
+    """The complete commands, semantic endpointing, one server per CTranslate2 thread count,
+    clip after clip in alternating order: the machine's drift hits both alike (run one
+    after the other, two modes differ by as much as the drift, ~1.5x within a day here)."""
+    servers: dict[int, tuple[AsrService, ServiceServer]] = {}
+    latencies: dict[int, list[float]] = {count: [] for count in threads}
+    try:
+        for count in threads:
+            settings = settings_for("semantic", args.endpointing, cpu_threads=count)
+            context = ServiceContext(
+                settings,
+                ModelRegistry.from_settings(settings),
+                choose_gpu(None, settings.gpu),
+                Metrics(CollectorRegistry()),
+            )
+            service = AsrService(context)
+            server = ServiceServer(service)
+            await service.start()
+            await server.start()
+            servers[count] = (service, server)
+            await stream(server.port or 0, audio["warm"], "fr")
+        for round_index in range(rounds):
+            for index, ((language, text), (speech, lead)) in enumerate(
+                zip(COMPLETE, audio["complete"], strict=True)
+            ):
+                clip = np.concatenate([np.zeros(lead, np.int16), speech, np.zeros(int(3.0 * RATE), np.int16)])
+                order = list(threads) if (index + round_index) % 2 == 0 else list(threads)[::-1]
+                for count in order:
+                    started, at, heard = await stream(servers[count][1].port or 0, clip, language)
+                    latencies[count].append(at - (started + (lead + len(speech)) / RATE))
+                    _LOGGER.info("threads %d %-40s %.3f s %r", count, text, latencies[count][-1], heard)
+    finally:
+        for service, server in servers.values():
+            await server.stop(2.0)
+            await service.stop()
+    return {
+        "rounds": rounds,
+        **{
+            f"threads@{count}": {
+                "count": len(values),
+                "p50_s": percentile(values, 50),
+                "p95_s": percentile(values, 95),
+                "mean_s": statistics.fmean(values),
+            }
+            for count, values in latencies.items()
+        },
+    }
+
+
 async def smart_turn_cost(runs: int = 30) -> dict[str, Any]:
     """p50 of one Smart Turn probability: in process, and through a supervised worker."""
     settings = settings_for("semantic", 0.8)
@@ -495,7 +547,7 @@ async def natural_speech(args: argparse.Namespace) -> dict[str, Any]:
             silence = np.zeros(int(args.pause * RATE), np.int16)
             paused_audio: dict[str, list[tuple[np.ndarray, int, int] | None]] = {"trailing": [], "cut": []}
             wholes = []
-            for language, before, after in PAUSED:
+            for language, before, after in PAUSED if args.styles else ():
                 # Said apart, the halves keep an exact seam: a natural voice barely pauses at a
                 # comma after "du", so no silence in the whole sentence marks where to stretch.
                 # "…" gives the first half a hesitant, unfinished ending (a falling tone).
@@ -546,6 +598,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     (*paused(before, after, language, args.pause), lead) for language, before, after in PAUSED
                 ]
             },
+        }
+    if args.ab_cpu_threads:
+        return {
+            "bench": "endpointing: CTranslate2 threads side by side",
+            "date": datetime.date.today().isoformat(),
+            "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+            "asr": "whisper-base int8 CPU, beam 5, semantic endpointing; complete commands only",
+            "voice": args.voice,
+            "cpu_threads_side_by_side": await threads_side_by_side(args.ab_cpu_threads, args, audio),
         }
     modes = {"fixed": await run_mode("fixed", args, audio)}
     for turn_pause in args.turn_pause:
@@ -608,6 +669,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CTranslate2 threads of the semantic modes; several (1,0) run one mode each "
         "(default: the server's own, one; 0: CTranslate2's)",
     )
+    parser.add_argument(
+        "--ab-cpu-threads",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="only this: the complete commands through one server per thread count (1,0), side by side",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -619,11 +686,17 @@ def main(argv: list[str] | None = None) -> int:
     handler_log.setLevel(logging.DEBUG)  # its verdict lines, kept per clip, not printed
     handler_log.propagate = False
     handler_log.addHandler(VERDICTS)
+    if args.ab_cpu_threads:
+        args.styles = []  # the complete commands only
     results = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.voice == "natural" else "-espeak") + (f"-{args.tag}" if args.tag else "")
     path = args.out / f"endpointing-{results['date']}{suffix}.json"
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if "cpu_threads_side_by_side" in results:
+        print(json.dumps(results["cpu_threads_side_by_side"], indent=1))
+        print(f"written {path}")
+        return 0
     for mode, data in results["modes"].items():
         complete = data["complete"]
         print(
