@@ -360,7 +360,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--silence", type=float, default=0.8, help="end-of-utterance silence, seconds")
-    parser.add_argument("--cpu-threads", type=int, default=1, help="CTranslate2 threads, ours and the peer alike (1: our default)")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="CTranslate2 threads, ours and the peer alike (1: our default)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

@@ -427,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--french", type=int, default=len(FRENCH_COMMANDS), help="French commands (a case)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent pipelines of the N-client case")
     parser.add_argument("--tail", type=float, default=0.8, help="silence before audio-stop, seconds")
-    parser.add_argument("--cpu-threads", type=int, default=1, help="CTranslate2 threads, ours and the peer alike (1: our default)")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="CTranslate2 threads, ours and the peer alike (1: our default)",
+    )
     parser.add_argument("--peer-asr", type=Path, default=None, help="wyoming-faster-whisper's python")
     parser.add_argument("--peer-tts", type=Path, default=None, help="python of the wyoming-piper venv")
     parser.add_argument("--wyoming-bench", type=Path, default=None, help="wyoming-bench to run on both")

@@ -415,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--commands", type=int, default=len(COMMANDS))
-    parser.add_argument("--cpu-threads", type=int, default=1, help="CTranslate2 threads, ours and the peer alike (1: our default)")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="CTranslate2 threads, ours and the peer alike (1: our default)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="only our chain")
     parser.add_argument("--modes", default="", help="comma-separated subset of semantic,fixed,ha_vad,peer")
     parser.add_argument(
