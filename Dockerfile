@@ -35,7 +35,7 @@ RUN pip install . statsmodels redis \
 # --- runtime ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng libgomp1 ca-certificates \
+ && apt-get install -y --no-install-recommends espeak-ng libgomp1 ca-certificates tzdata \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 superwhisper \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/superwhisper --create-home superwhisper \

@@ -384,3 +384,27 @@ def test_a_question_about_the_home_is_told_from_other_questions(
     )
     assert asks_for_a_state(text, language, bilingual) is about_the_home
     assert state_unknown(language).endswith("?")
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "intent"),
+    [
+        ("Quelle heure est-il ?", "fr", "HassGetCurrentTime"),
+        ("quelle heure est il", "fr-FR", "HassGetCurrentTime"),
+        ("Il est quelle heure maintenant ?", "fr", "HassGetCurrentTime"),
+        ("Quel jour sommes-nous ?", "fr", "HassGetCurrentDate"),
+        ("On est le combien aujourd'hui ?", "fr", "HassGetCurrentDate"),
+        ("What time is it?", "en", "HassGetCurrentTime"),
+        ("What is the date today?", "en", "HassGetCurrentDate"),
+        ("Quelle est la capitale de la France ?", "fr", None),
+        ("Quelle heure est-il à Tokyo ?", "fr", None),  # another clock: the model, or nobody
+        ("Allume la lumière de la cuisine", "fr", None),
+        ("What time is it?", "fr", None),  # French templates for a French request
+        ("", "fr", None),
+        ("Quelle heure est-il ? " * 10, "fr", None),
+    ],
+)
+def test_the_time_and_the_date_asked_in_home_assistants_own_sentences(
+    recognizer: IntentRecognizer, text: str, language: str, intent: str | None
+) -> None:
+    assert recognizer.clock_question(text, language) == intent

@@ -8,6 +8,7 @@ Everything else is real: settings, registry, the TCP server, the wyoming client.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
@@ -545,3 +546,30 @@ def test_local_models_get_the_configured_cpu_priority_only_in_workers() -> None:
     workers = model_workers(make_settings(**{"handle.cpu_nice": 12}))
     assert workers is not None and workers.nice == 12
     assert model_workers(make_settings(**{"server.engine_workers": False})) is None
+
+
+@pytest.mark.parametrize("local_intents", [True, False])
+async def test_the_clock_answers_the_time_and_the_model_the_rest(serve: Any, local_intents: bool) -> None:
+    """ "Quelle heure est-il ?" is said from the service's clock, streamed and remembered like any
+    answer, and no model is asked; ``handle.local_intents: false`` gives it to the model."""
+    engine = ScriptedEngine("a", FRENCH)
+    settings = make_settings(**{"handle.local_intents": local_intents})
+    service = HandleService(
+        make_context(settings), engines=[engine], clock=lambda: dt.datetime(2026, 12, 7, 23, 41)
+    )
+    context = {"conversation_id": "cuisine"}
+    async with serve(service) as server:
+        time_asked = await ask(server.port, "Quelle heure est-il ?", context=context)
+        date_asked = await ask(server.port, "What is the date today?", language="en")
+        other = await ask(server.port, "Quelle est la capitale de la France ?", context=context)
+    clock = service.context.metrics.local_intents.labels("clock")._value.get()
+    if not local_intents:
+        assert len(engine.requests) == 3 and clock == 0
+        return
+    assert final_of(time_asked) == chunks_of(time_asked) == "Il est 23 h 41."
+    assert final_of(date_asked) == "Today is Monday 7 December 2026."
+    assert final_of(other) == "Il fait très beau aujourd'hui à Paris, profitez-en bien."
+    assert len(engine.requests) == 1 and clock == 2
+    remembered = [m["content"] for m in engine.requests[0].messages]
+    assert remembered[1:3] == ["Quelle heure est-il ?", "Il est 23 h 41."]
+    assert remembered[0].endswith("Nous sommes le lundi 7 décembre 2026.")

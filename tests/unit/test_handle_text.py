@@ -14,6 +14,7 @@ from wyoming_superwhisper.handle.conversation import (
 from wyoming_superwhisper.handle.prompts import (
     apology,
     clean_for_speech,
+    clock_answer,
     detect_language,
     ends_a_finished_sentence,
     guess_language,
@@ -30,7 +31,8 @@ NOW = dt.datetime(2026, 11, 24, 9, 5)
 def test_system_prompt_is_french_with_name_date_and_language() -> None:
     prompt = system_prompt("Jarvis", "fr-FR", NOW)
     assert "Tu es Jarvis" in prompt
-    assert "mardi 24 novembre 2026, 9 h 05" in prompt
+    assert prompt.endswith("Nous sommes le mardi 24 novembre 2026.")
+    assert "9 h" not in prompt  # the time of day: the clock answers it, and SmolLM2 parroted it
     assert "Réponds en français" in prompt
     assert "markdown" in prompt and "emoji" in prompt
     assert "Réponds en allemand" in system_prompt("Jarvis", "de", NOW)  # French words, the language named
@@ -41,7 +43,8 @@ def test_system_prompt_is_english_for_an_english_request() -> None:
     """Small models follow the language of the instructions, not what the instructions say."""
     prompt = system_prompt("Jarvis", "en-US", NOW)
     assert "You are Jarvis" in prompt
-    assert "Tuesday 24 November 2026, 9:05" in prompt
+    assert prompt.endswith("Today is Tuesday 24 November 2026.")
+    assert "9:05" not in prompt
     assert "Answer in English" in prompt and "markdown" in prompt
     assert "Réponds" not in prompt
 
@@ -60,6 +63,26 @@ def test_the_instructions_stay_the_same_when_the_clock_moves(language: str) -> N
     instructions = now.rsplit(". ", 1)[0]  # all but the last sentence: the date
     assert shared >= len(instructions) > 0.7 * len(now), (now, later)
     assert now[shared:] != later[shared:]
+
+
+@pytest.mark.parametrize(
+    ("intent", "now", "language", "said"),
+    [
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 23, 41), "fr", "Il est 23 h 41."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 9, 5), "fr-FR", "Il est 9 h 05."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 0, 0), "fr", "Il est minuit."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 12, 0), None, "Il est midi."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 15, 0), "fr", "Il est 15 h."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 23, 41), "en", "It is 11:41 PM."),
+        ("HassGetCurrentTime", dt.datetime(2026, 12, 7, 0, 5), "en-US", "It is 12:05 AM."),
+        ("HassGetCurrentDate", NOW, "fr", "Nous sommes le mardi 24 novembre 2026."),
+        ("HassGetCurrentDate", NOW, "en", "Today is Tuesday 24 November 2026."),
+    ],
+)
+def test_the_clock_answers_in_the_users_language(
+    intent: str, now: dt.datetime, language: str | None, said: str
+) -> None:
+    assert clock_answer(intent, now, language) == said
 
 
 def test_system_prompt_override_fills_placeholders() -> None:

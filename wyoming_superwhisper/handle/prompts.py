@@ -51,10 +51,28 @@ def french_datetime(now: dt.datetime) -> str:
     )
 
 
-def english_datetime(now: dt.datetime) -> str:
-    """``Tuesday 24 November 2026, 9:27`` (spelled out here: ``%A`` follows the process locale)."""
-    day, month = _DAYS_EN[now.weekday()], _MONTHS_EN[now.month - 1]
-    return f"{day} {now.day} {month} {now.year}, {now.hour}:{now.minute:02d}"
+def french_date(now: dt.datetime) -> str:
+    """``mardi 24 novembre 2026``."""
+    return f"{_DAYS_FR[now.weekday()]} {now.day} {_MONTHS_FR[now.month - 1]} {now.year}"
+
+
+def english_date(now: dt.datetime) -> str:
+    """``Tuesday 24 November 2026``."""
+    return f"{_DAYS_EN[now.weekday()]} {now.day} {_MONTHS_EN[now.month - 1]} {now.year}"
+
+
+def clock_answer(intent: str, now: dt.datetime, language: str | None) -> str:
+    """The spoken answer to "what time / what day is it" (``HassGetCurrentTime`` / ``…Date``):
+    French unless the user speaks English; a 24-hour clock in French, 12-hour in English."""
+    english = base_language(language) == "en"
+    if intent == "HassGetCurrentDate":
+        return f"Today is {english_date(now)}." if english else f"Nous sommes le {french_date(now)}."
+    if english:
+        hour = now.hour % 12 or 12
+        return f"It is {hour}:{now.minute:02d} {'PM' if now.hour >= 12 else 'AM'}."
+    if now.minute == 0:
+        return f"Il est {({0: 'minuit', 12: 'midi'}).get(now.hour, f'{now.hour} h')}."
+    return f"Il est {now.hour} h {now.minute:02d}."
 
 
 def system_prompt(assistant_name: str, language: str, now: dt.datetime, override: str = "") -> str:
@@ -67,10 +85,13 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
     ``override`` (``handle.system_prompt``) replaces the built-in text; it may use
     ``{name}``, ``{date}`` and ``{language}`` (the date and language in French).
 
-    The date and time come last: llama.cpp reuses the evaluated start of the last prompt,
-    and a time near the start changed it every minute, so nearly every question paid the
-    whole prompt again (SmolLM2-135M, 2-core CPU: first token 0.33 s after a new minute
-    with the time second, 0.10 s with it last).
+    The date comes last and the time of day not at all. llama.cpp reuses the evaluated start
+    of the last prompt: a time second in the prompt changed it every minute, so nearly every
+    question paid the whole prompt again (SmolLM2-135M, 2-core CPU: first token 0.33 s in a
+    new minute, 0.10 s with the date and time last). And the time made SmolLM2 say it
+    where nobody asked ("Il y a 23 heures de cinq minutes": 6 of 13 French answers with the
+    time last, 3 with it second, 2 without it, both to "what day is it"). "Quelle heure
+    est-il ?" is answered from the clock, without a model (:func:`clock_answer`).
     """
     lang = base_language(language) or "fr"
     language_name = LANGUAGE_NAMES_FR.get(lang, lang)
@@ -82,14 +103,14 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
             "Answer in English, in one or two short sentences meant to be spoken aloud. "
             "Use no markdown, no emoji, no lists, no headings. "
             "If you do not know, just say so. "
-            f"Today is {english_datetime(now)}."
+            f"Today is {english_date(now)}."
         )
     return (
         f"Tu es {assistant_name}, un assistant vocal de maison connectée. "
         f"Réponds en {language_name}, en une ou deux phrases courtes, faites pour être dites "
         "à voix haute. N'utilise ni markdown, ni emoji, ni liste, ni titre. "
         "Si tu ne sais pas, dis-le simplement. "
-        f"Nous sommes le {french_datetime(now)}."
+        f"Nous sommes le {french_date(now)}."
     )
 
 

@@ -66,6 +66,7 @@ from .intents import (
 from .memory_store import open_conversation_store
 from .prompts import (
     clean_for_speech,
+    clock_answer,
     ends_a_finished_sentence,
     ends_sentence,
     last_sentence_end,
@@ -244,6 +245,7 @@ class HandleService(WyomingService):
             # Compiled now, not at the first command (about 0.2 s a language on two cores).
             for language in dict.fromkeys((self.settings.language, "fr", "en")):
                 await asyncio.to_thread(self.intents.supports, language)
+                await asyncio.to_thread(self.intents.clock_question, "?", language)
         if self.home_control is not None:
             self.background(self.home_control.warm(), "warm-home")
         if self.settings.api_port:
@@ -400,6 +402,10 @@ class HandleService(WyomingService):
         ``prefer_level``: the level tried first (a client that named that level's model).
         Raises :class:`ToolError` for ``tools`` that cannot be used, before any model runs.
         """
+        if self.settings.local_intents:
+            clock = await self._clock_answer(messages, language, on_chunk)
+            if clock is not None:
+                return clock
         home = home_of(messages, tools) if tools else None
         if home is not None and home.tools and self.settings.local_intents:
             local = await self._local_answer(messages, language, home, on_chunk)
@@ -501,6 +507,24 @@ class HandleService(WyomingService):
                     fast = FastAnswer(text=state_unknown(language), reason="state_unknown")
         if fast is None or not (fast.text or fast.tool_call):
             return None
+        return await self._said_locally(fast, started, on_chunk)
+
+    async def _clock_answer(
+        self, messages: Sequence[Mapping[str, Any]], language: str, on_chunk: ChunkSink
+    ) -> Answer | None:
+        """ "Quelle heure est-il ?", "What is the date today?": the clock answers, no model (none
+        reads one), home or no home; Home Assistant's own sentences recognize the question."""
+        if not messages or messages[-1].get("role") != "user":
+            return None
+        started = asyncio.get_running_loop().time()
+        intent = self.intents.clock_question(str(messages[-1].get("content") or ""), language)
+        if intent is None:
+            return None
+        fast = FastAnswer(text=clock_answer(intent, self._clock(), language), reason="clock")
+        return await self._said_locally(fast, started, on_chunk)
+
+    async def _said_locally(self, fast: FastAnswer, started: float, on_chunk: ChunkSink) -> Answer:
+        """A template's answer as the chain's would be: streamed, counted, logged."""
         self.context.metrics.local_intents.labels(fast.reason).inc()
         _LOGGER.info("handle: answered from Home Assistant's templates (%s)", fast.reason)
         calls: tuple[dict[str, Any], ...] = ()

@@ -122,7 +122,8 @@ class Metrics:
             "Home requests answered from Home Assistant's sentence templates without a model, by "
             "reason (intent: a matched command; follow_up: a pronoun; confirmation, state: the words "
             "after a tool result; not_understood: a command nothing matched and no level may act; "
-            "state_unknown: a question about a device's state that no level may read)",
+            "state_unknown: a question about a device's state that no level may read; clock: the "
+            "time or the date asked, answered from the clock)",
             ["reason"],
             registry=r,
         )
