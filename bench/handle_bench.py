@@ -7,9 +7,9 @@ holdback (``handle.stream_holdback_chars``) and with none. Target (issue 5):
 TTFT within raw + 20 ms, throughput ≥ 0.95× raw.
 
 ``clock_moves``: a French question in a new minute each time, as a user asks
-one every few minutes: the built-in prompt (date and time last) beside the same
-words with the date second, as the prompt had it until 2026-12-07. llama.cpp
-reuses the start of the last prompt it evaluated, up to the first change.
+one every few minutes: the built-in prompt (the date, no time of day) beside
+the prompt as it was until 2026-12-07 (date and time second, as an override).
+llama.cpp reuses the start of the last prompt it evaluated, up to the first change.
 
     .venv/bin/python bench/handle_bench.py [--runs 7] [--max-tokens 64]
 
@@ -73,7 +73,7 @@ DATE_SECOND = (
     "Réponds en {language}, en une ou deux phrases courtes, faites pour être dites à voix haute. "
     "N'utilise ni markdown, ni emoji, ni liste, ni titre. Si tu ne sais pas, dis-le simplement."
 )
-"""The built-in French prompt as it was until 2026-12-07: the date and time second."""
+"""The built-in French prompt as it was until 2026-12-07: the date and the time second."""
 FRENCH_QUESTION = "Quelle est la capitale de la France ?"
 
 
@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     french = {"question": FRENCH_QUESTION, "language": "fr", "clock": MovingClock()}
     clock_moves = {
-        "date_last": asyncio.run(server_runs(0, args.runs, args.max_tokens, **french)),
-        "date_second": asyncio.run(
+        "built_in": asyncio.run(server_runs(0, args.runs, args.max_tokens, **french)),
+        "date_and_time_second": asyncio.run(
             server_runs(0, args.runs, args.max_tokens, system_prompt=DATE_SECOND, **french)
         ),
     }
@@ -219,7 +219,7 @@ def main() -> int:
             f"(+{data['ttft_over_raw_ms']:.1f} ms), {data['median']['tokens_per_s']:.1f} tok/s "
             f"({data['throughput_ratio']:.2f}x raw)"
         )
-    for name in ("date_last", "date_second"):
+    for name in ("built_in", "date_and_time_second"):
         data = result["clock_moves"][name]["median"]
         print(f"a new minute each question, {name}: ttft {data['ttft_s'] * 1000:.1f} ms")
     print(f"written {out}")

@@ -408,3 +408,12 @@ def test_the_time_and_the_date_asked_in_home_assistants_own_sentences(
     recognizer: IntentRecognizer, text: str, language: str, intent: str | None
 ) -> None:
     assert recognizer.clock_question(text, language) == intent
+
+
+def test_prepare_compiles_both_template_sets_before_the_first_request() -> None:
+    recognizer = IntentRecognizer()
+    assert recognizer.prepare("fr-FR") and not recognizer.prepare("xx")
+    compiled = recognizer._templates.cache_info().currsize
+    assert compiled >= 2  # fr: all the templates and the clock's
+    assert recognizer.clock_question("Quelle heure est-il ?", "fr") == "HassGetCurrentTime"
+    assert recognizer._templates.cache_info().currsize == compiled  # nothing compiled at the request

@@ -31,7 +31,7 @@ NOW = dt.datetime(2026, 11, 24, 9, 5)
 def test_system_prompt_is_french_with_name_date_and_language() -> None:
     prompt = system_prompt("Jarvis", "fr-FR", NOW)
     assert "Tu es Jarvis" in prompt
-    assert prompt.endswith("Nous sommes le mardi 24 novembre 2026.")
+    assert "Nous sommes le mardi 24 novembre 2026. " in prompt
     assert "9 h" not in prompt  # the time of day: the clock answers it, and SmolLM2 parroted it
     assert "Réponds en français" in prompt
     assert "markdown" in prompt and "emoji" in prompt
@@ -43,26 +43,19 @@ def test_system_prompt_is_english_for_an_english_request() -> None:
     """Small models follow the language of the instructions, not what the instructions say."""
     prompt = system_prompt("Jarvis", "en-US", NOW)
     assert "You are Jarvis" in prompt
-    assert prompt.endswith("Today is Tuesday 24 November 2026.")
+    assert "Today is Tuesday 24 November 2026. " in prompt
     assert "9:05" not in prompt
     assert "Answer in English" in prompt and "markdown" in prompt
     assert "Réponds" not in prompt
 
 
 @pytest.mark.parametrize("language", ["fr", "en", "de"])
-def test_the_instructions_stay_the_same_when_the_clock_moves(language: str) -> None:
-    """llama.cpp reuses the evaluated start of the previous prompt: only the date and time may
-    change from one minute (one day) to the next, and they come after every instruction."""
-    now, later = (
-        system_prompt("Jarvis", language, NOW),
-        system_prompt("Jarvis", language, NOW.replace(day=25, hour=21)),
-    )
-    shared = next(
-        (i for i, (a, b) in enumerate(zip(now, later, strict=False)) if a != b), min(len(now), len(later))
-    )
-    instructions = now.rsplit(". ", 1)[0]  # all but the last sentence: the date
-    assert shared >= len(instructions) > 0.7 * len(now), (now, later)
-    assert now[shared:] != later[shared:]
+def test_the_prompt_stays_the_same_all_day(language: str) -> None:
+    """llama.cpp reuses the evaluated start of the previous prompt: the prompt may change once
+    a day (the date), not every minute (the time of day is answered from the clock)."""
+    morning = system_prompt("Jarvis", language, NOW)
+    assert system_prompt("Jarvis", language, NOW.replace(hour=23, minute=59)) == morning
+    assert system_prompt("Jarvis", language, NOW + dt.timedelta(days=1)) != morning
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,13 @@ class IntentRecognizer:
         with self._lock:
             return self._templates(_base(language)) is not None
 
+    def prepare(self, language: str) -> bool:
+        """Compile ``language``'s templates, all and the clock's, now rather than at the first
+        request (about 0.2 s on two cores); whether the language has templates."""
+        with self._lock:
+            self._templates(_base(language), CLOCK_INTENTS)
+            return self._templates(_base(language)) is not None
+
     def clock_question(self, text: str, language: str) -> str | None:
         """``HassGetCurrentTime`` or ``HassGetCurrentDate`` when ``text`` asks the time or the date
         in one of Home Assistant's own sentences ("Quelle heure est-il ?"), else None."""

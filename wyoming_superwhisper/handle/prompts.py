@@ -85,13 +85,14 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
     ``override`` (``handle.system_prompt``) replaces the built-in text; it may use
     ``{name}``, ``{date}`` and ``{language}`` (the date and language in French).
 
-    The date comes last and the time of day not at all. llama.cpp reuses the evaluated start
-    of the last prompt: a time second in the prompt changed it every minute, so nearly every
-    question paid the whole prompt again (SmolLM2-135M, 2-core CPU: first token 0.33 s in a
-    new minute, 0.10 s with the date and time last). And the time made SmolLM2 say it
-    where nobody asked ("Il y a 23 heures de cinq minutes": 6 of 13 French answers with the
-    time last, 3 with it second, 2 without it, both to "what day is it"). "Quelle heure
-    est-il ?" is answered from the clock, without a model (:func:`clock_answer`).
+    The prompt carries the date, not the time of day. llama.cpp reuses the evaluated start
+    of the previous prompt: with the time in it the prompt changed every minute and nearly
+    every question paid all of it again (SmolLM2-135M, 2-core CPU, a question in a new
+    minute: first token 0.33 s; without the time, 0.02 s, the prompt changes once a day).
+    And SmolLM2 recited the time where nobody asked ("Il y a 23 heures de cinq minutes":
+    3 of 13 French answers with it, 6 with the date and time last, 2 with the date alone,
+    both to "what day is it"; in English the date last was recited twice unasked, second
+    never). "Quelle heure est-il ?" is answered from the clock (:func:`clock_answer`).
     """
     lang = base_language(language) or "fr"
     language_name = LANGUAGE_NAMES_FR.get(lang, lang)
@@ -100,17 +101,17 @@ def system_prompt(assistant_name: str, language: str, now: dt.datetime, override
     if lang == "en":
         return (
             f"You are {assistant_name}, a smart home voice assistant. "
+            f"Today is {english_date(now)}. "
             "Answer in English, in one or two short sentences meant to be spoken aloud. "
             "Use no markdown, no emoji, no lists, no headings. "
-            "If you do not know, just say so. "
-            f"Today is {english_date(now)}."
+            "If you do not know, just say so."
         )
     return (
         f"Tu es {assistant_name}, un assistant vocal de maison connectée. "
+        f"Nous sommes le {french_date(now)}. "
         f"Réponds en {language_name}, en une ou deux phrases courtes, faites pour être dites "
         "à voix haute. N'utilise ni markdown, ni emoji, ni liste, ni titre. "
-        "Si tu ne sais pas, dis-le simplement. "
-        f"Nous sommes le {french_date(now)}."
+        "Si tu ne sais pas, dis-le simplement."
     )
 
 

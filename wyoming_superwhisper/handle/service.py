@@ -244,8 +244,7 @@ class HandleService(WyomingService):
         if self.settings.local_intents:
             # Compiled now, not at the first command (about 0.2 s a language on two cores).
             for language in dict.fromkeys((self.settings.language, "fr", "en")):
-                await asyncio.to_thread(self.intents.supports, language)
-                await asyncio.to_thread(self.intents.clock_question, "?", language)
+                await asyncio.to_thread(self.intents.prepare, language)
         if self.home_control is not None:
             self.background(self.home_control.warm(), "warm-home")
         if self.settings.api_port:
