@@ -14,6 +14,10 @@ ending the turn is measured from the same instant:
 * ``ha_vad``: Home Assistant's own VAD ends it: ``audio-stop`` 0.7 s after the
   speech (``VadSensitivity.DEFAULT`` in ``assist_pipeline/vad.py``, 2025.4),
   then our streamed chain;
+* ``ha_vad_aggressive``: the same with the satellite's "finished speaking
+  detection" set to aggressive: ``audio-stop`` 0.25 s after the speech
+  (``--ab-speculative-pause S`` adds ``ha_vad_aggressive_spec``: an ASR whose
+  ``asr.speculative_pause_s`` is S, side by side);
 * ``peer`` (when ``bench/.venv-peer-asr`` is built, ``python -m bench.peers``):
   chained as Home Assistant ≤ 2025.6 chains them: HA's VAD (0.7 s) →
   wyoming-faster-whisper 3.8 → our handle read whole (``handled``) → one
@@ -96,6 +100,8 @@ entity (what whisper base hears from Kokoro: tests/e2e/test_home_control_assist.
 LEAD_S = 0.3
 HA_SILENCE_S = 0.7
 """Home Assistant's default VAD silence before it ends the speech-to-text stream."""
+HA_AGGRESSIVE_SILENCE_S = 0.25
+"""The same, "finished speaking detection: aggressive" (``VadSensitivity.AGGRESSIVE``)."""
 SERVER_TAIL_S = 2.5
 """Silence streamed after the speech when the server ends the turn (it stops the stream sooner)."""
 ENDPOINTING_S = 0.8
@@ -166,17 +172,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="first-answer-bench-"))
     wants_peer = not args.no_peers and (not args.modes or "peer" in args.modes.split(","))
     peer = PEERS["asr"] if PEERS["asr"].installed() and wants_peer else None
-    modes = ["semantic", "fixed", "ha_vad", *(["peer"] if peer else [])]
+    modes = ["semantic", "fixed", "ha_vad", "ha_vad_aggressive", *(["peer"] if peer else [])]
     if args.modes:
         modes = [mode for mode in modes if mode in args.modes.split(",")]
     if args.ab_cpu_nice:
         modes.append("semantic_same_cpu")
+    if args.ab_speculative_pause:
+        modes.append("ha_vad_aggressive_spec")
     ports = {
         name: free_port()
         for name in (
             "semantic",
             "fixed",
             "ha_vad",
+            "ha_vad_aggressive_spec",
             "handle",
             "handle_same_cpu",
             "tts",
@@ -194,6 +203,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "fixed": (endpointing, "asr.endpointing=fixed"),
             "ha_vad": ("asr.endpointing_s=0",),
         }
+        if args.ab_speculative_pause:
+            asr_settings["ha_vad_aggressive_spec"] = (
+                "asr.endpointing_s=0",
+                f"asr.speculative_pause_s={args.ab_speculative_pause}",
+            )
         for name, extra in asr_settings.items():
             command = asr_command(ports[name], args.cpu_threads, *extra)
             await stack.enter_async_context(server(f"asr_{name}", command, ports[name], work))
@@ -219,13 +233,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ha_wav, server_wav = work / f"ha-{index}.wav", work / f"server-{index}.wav"
             speech_end = wav_with(speech, HA_SILENCE_S, ha_wav)
             wav_with(speech, SERVER_TAIL_S, server_wav)
+            wav_with(speech, HA_AGGRESSIVE_SILENCE_S, work / f"ha-aggressive-{index}.wav")
             clips.append((text, speech_end, ha_wav, server_wav))
 
         async def one(mode: str, wav_ha: Path, wav_server: Path) -> pipeline.PipelineTimings:
             if mode == "peer":
                 return await chained(wav_ha, uri["peer"], uri["handle"], uri["tts"], "fr")
             wav = wav_ha if mode == "ha_vad" else wav_server
-            asr, handle = uri[mode.removesuffix("_same_cpu")], uri["handle"]
+            if mode.startswith("ha_vad_aggressive"):
+                wav = wav_ha.with_name(wav_ha.name.replace("ha-", "ha-aggressive-"))
+            asr, handle = uri[_asr_of(mode)], uri["handle"]
             if mode == "semantic_same_cpu":
                 handle = uri["handle_same_cpu"]
             return await pipeline.run_pipeline(
@@ -265,6 +282,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "semantic": f"our ASR ends the turn: asr.endpointing semantic, at most {ENDPOINTING_S} s",
             "fixed": f"our ASR ends the turn after {ENDPOINTING_S} s of silence",
             "ha_vad": f"Home Assistant's VAD: audio-stop {HA_SILENCE_S} s after the speech, our chain",
+            "ha_vad_aggressive": f"as ha_vad, aggressive: audio-stop {HA_AGGRESSIVE_SILENCE_S} s after",
+            "ha_vad_aggressive_spec": "as ha_vad_aggressive, the ASR's asr.speculative_pause_s "
+            f"{args.ab_speculative_pause}",
             "peer": "HA's VAD → wyoming-faster-whisper → our handle read whole → one synthesize to our TTS",
             "semantic_same_cpu": "as semantic, the handle's model at the servers' CPU priority (cpu_nice 0)",
             "home_first_time": "--home: semantic ASR → handle acting through Home Assistant's MCP server "
@@ -280,6 +300,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "runs": rows,
     }
+
+
+def _asr_of(mode: str) -> str:
+    """The ASR server a mode talks to (``ha_vad_aggressive`` shares ``ha_vad``'s)."""
+    if mode == "ha_vad_aggressive":
+        return "ha_vad"
+    return mode.removesuffix("_same_cpu")
 
 
 def _row(
@@ -422,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         help="CTranslate2 threads, ours and the peer alike (1: our default)",
     )
     parser.add_argument("--no-peers", action="store_true", help="only our chain")
-    parser.add_argument("--modes", default="", help="comma-separated subset of semantic,fixed,ha_vad,peer")
+    parser.add_argument(
+        "--modes", default="", help="comma-separated subset of semantic,fixed,ha_vad,ha_vad_aggressive,peer"
+    )
     parser.add_argument(
         "--ab-cpu-nice",
         action="store_true",
@@ -435,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--home-hints", action="store_true", help="--home with the home's names as ASR hints (asr.hass_url)"
+    )
+    parser.add_argument(
+        "--ab-speculative-pause",
+        type=float,
+        default=0.0,
+        help="add ha_vad_aggressive_spec: an ASR with this asr.speculative_pause_s, side by side",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
