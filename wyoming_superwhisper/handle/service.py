@@ -511,8 +511,8 @@ class HandleService(WyomingService):
     async def _clock_answer(
         self, messages: Sequence[Mapping[str, Any]], language: str, on_chunk: ChunkSink
     ) -> Answer | None:
-        """ "Quelle heure est-il ?", "What is the date today?": the clock answers, no model (none
-        reads one), home or no home; Home Assistant's own sentences recognize the question."""
+        """The clock answers "Quelle heure est-il ?" or "What is the date today?", not a model
+        (none reads one), home or no home; Home Assistant's own sentences recognize the question."""
         if not messages or messages[-1].get("role") != "user":
             return None
         started = asyncio.get_running_loop().time()
