@@ -447,10 +447,10 @@ async def test_home_assistant_is_reached_at_start_and_the_templates_compiled(ser
     async with serve(served) as server:
         assert await until_reached(served) == {"reachable": True, "tools": len(RECORDED["tools"])}
         assert home.sessions == 1
-        assert type(served.intents)._templates.cache_info().currsize == 2  # fr, en
+        assert type(served.intents)._templates.cache_info().currsize == 4  # fr, en: all, the clock's
         events = await transcript(server.port, "Allume la lumière de la cuisine")
     assert events[-1].type == "handled-stop"
-    assert home.sessions == 2 and type(served.intents)._templates.cache_info().misses == 2
+    assert home.sessions == 2 and type(served.intents)._templates.cache_info().misses == 4
 
 
 async def test_a_home_assistant_refusing_the_token_shows_in_status_from_the_start(serve: Any) -> None:
