@@ -54,7 +54,6 @@ with warnings.catch_warnings():
     import wyoming.audio  # noqa: F401  (audioop is deprecated; harmless here)
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
@@ -62,15 +61,15 @@ from wyoming.client import AsyncTcpClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import make_context  # noqa: E402
 from wyoming_superwhisper.asr.client import pcm_bytes  # noqa: E402
 from wyoming_superwhisper.asr.service import AsrService  # noqa: E402
 from wyoming_superwhisper.asr.turn import SMART_TURN_REF, SmartTurnModel  # noqa: E402
 from wyoming_superwhisper.audio import AudioConverter  # noqa: E402
 from wyoming_superwhisper.config import Settings, load_settings  # noqa: E402
-from wyoming_superwhisper.runtime.gpu import choose_gpu  # noqa: E402
 from wyoming_superwhisper.runtime.metrics import Metrics  # noqa: E402
 from wyoming_superwhisper.runtime.registry import ModelRegistry  # noqa: E402
-from wyoming_superwhisper.runtime.server import ServiceContext, ServiceServer  # noqa: E402
+from wyoming_superwhisper.runtime.server import ServiceServer  # noqa: E402
 from wyoming_superwhisper.runtime.worker import WorkerOptions, supervised  # noqa: E402
 
 _LOGGER = logging.getLogger("endpointing_bench")
@@ -310,10 +309,8 @@ async def run_mode(mode: str, args: argparse.Namespace, audio: dict[str, Any]) -
         getattr(args, "current_decode_pause", 0.1),
         getattr(args, "current_cpu_threads", None),
     )
-    metrics = Metrics(CollectorRegistry())
-    context = ServiceContext(
-        settings, ModelRegistry.from_settings(settings), choose_gpu(None, settings.gpu), metrics
-    )
+    context = make_context(settings)
+    metrics = context.metrics
     service = AsrService(context)
     server = ServiceServer(service)
     await service.start()
@@ -433,13 +430,7 @@ async def threads_side_by_side(
     try:
         for count in threads:
             settings = settings_for("semantic", args.endpointing, cpu_threads=count)
-            context = ServiceContext(
-                settings,
-                ModelRegistry.from_settings(settings),
-                choose_gpu(None, settings.gpu),
-                Metrics(CollectorRegistry()),
-            )
-            service = AsrService(context)
+            service = AsrService(make_context(settings))
             server = ServiceServer(service)
             await service.start()
             await server.start()

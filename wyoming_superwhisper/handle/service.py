@@ -516,7 +516,9 @@ class HandleService(WyomingService):
         if not messages or messages[-1].get("role") != "user":
             return None
         started = asyncio.get_running_loop().time()
-        intent = self.intents.clock_question(str(messages[-1].get("content") or ""), language)
+        text = str(messages[-1].get("content") or "")
+        # A thread: a language met for the first time compiles its templates (up to 0.2 s).
+        intent = await asyncio.to_thread(self.intents.clock_question, text, language)
         if intent is None:
             return None
         fast = FastAnswer(text=clock_answer(intent, self._clock(), language), reason="clock")
